@@ -1,0 +1,1 @@
+"""Tabby bgp package (built by a later issue)."""

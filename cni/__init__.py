@@ -1,0 +1,1 @@
+"""Tabby cni package (built by a later issue)."""

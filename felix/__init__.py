@@ -1,0 +1,1 @@
+"""Tabby felix: policy calculation, simulation and (later) the dataplane agent."""

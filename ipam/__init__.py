@@ -1,0 +1,1 @@
+"""Tabby ipam package (built by a later issue)."""

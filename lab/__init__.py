@@ -1,0 +1,1 @@
+"""Tabby lab package (built by a later issue)."""

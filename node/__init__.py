@@ -1,0 +1,1 @@
+"""Tabby node package (built by a later issue)."""
