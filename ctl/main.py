@@ -1,0 +1,306 @@
+"""tabbyctl: calicoctl's verbs over Tabby's etcd store, plus policy simulate / explain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import click
+
+from ctl import output
+from ctl.manifests import ManifestError, read_manifests
+from ctl.patch import PatchError, apply_labels, apply_patch
+from datastore import store as store_mod
+from datastore.config import ConfigError, load_config
+from datastore.errors import ValidationError
+from datastore.etcd import Datastore, DatastoreError
+from datastore.kinds import Kind, UnknownKind, kind_from_cli
+from datastore.selector import SelectorError
+
+T = TypeVar("T")
+
+# Every error a user can cause or meet: printed as one line, exit status 1, nothing written.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ValidationError, store_mod.StoreError, DatastoreError, ConfigError, ManifestError,
+    PatchError, UnknownKind, SelectorError,
+)
+
+
+class Context:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+
+    @asynccontextmanager
+    async def store(self) -> AsyncIterator[store_mod.ResourceStore]:
+        config = load_config(self.config_path)
+        async with Datastore(config) as ds:
+            yield store_mod.ResourceStore(ds)
+
+    def run(self, fn: Callable[[store_mod.ResourceStore], Awaitable[T]]) -> T:
+        async def go() -> T:
+            async with self.store() as st:
+                return await fn(st)
+        return asyncio.run(go())
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", envvar="TABBY_CONFIG", default=None,
+              help="calicoctl-style config file (default /etc/tabby/tabbyctl.cfg, "
+                   "or ETCD_ENDPOINTS and ETCD_*_FILE from the environment).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """Manage Tabby (Calico-compatible) resources in etcd."""
+    ctx.obj = Context(config_path)
+
+
+# ---- apply / create / replace / delete -----------------------------------------------------
+
+def _file_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("-f", "--filename", required=True, help="File, directory or - for stdin.")(fn)
+    fn = click.option("-R", "--recursive", is_flag=True, help="Read directories recursively.")(fn)
+    fn = click.option("-n", "--namespace", default="default", show_default=True,
+                      help="Namespace for namespaced objects that name none.")(fn)
+    return fn
+
+
+def _write(ctx: Context, mode: str, filename: str, recursive: bool, namespace: str,
+           skip_exists: bool = False) -> None:
+    objs = store_mod.kinds_in_order(read_manifests(filename, recursive))
+    if not objs:
+        raise ManifestError(f"{filename}: no resources found")
+    store_mod.validate_all(objs, namespace)  # fail before connecting: nothing is written
+    results = ctx.run(lambda st: st.write(objs, mode, skip_exists, namespace))
+    for r in results:
+        kind, name, ns = store_mod.identify(r.obj)
+        click.echo(f"{r.action} {store_mod.describe(kind, name, ns)}")
+
+
+@cli.command()
+@_file_options
+@pass_ctx
+def apply(ctx: Context, filename: str, recursive: bool, namespace: str) -> None:
+    """Create or update the resources in a file (all or nothing)."""
+    _write(ctx, "apply", filename, recursive, namespace)
+
+
+@cli.command()
+@_file_options
+@click.option("--skip-exists", is_flag=True, help="Skip resources that already exist.")
+@pass_ctx
+def create(ctx: Context, filename: str, recursive: bool, namespace: str,
+           skip_exists: bool) -> None:
+    """Create the resources in a file; fails if one exists (all or nothing)."""
+    _write(ctx, "create", filename, recursive, namespace, skip_exists)
+
+
+@cli.command()
+@_file_options
+@pass_ctx
+def replace(ctx: Context, filename: str, recursive: bool, namespace: str) -> None:
+    """Replace existing resources (guarded by resourceVersion when given)."""
+    _write(ctx, "replace", filename, recursive, namespace)
+
+
+@cli.command()
+@click.argument("kind", required=False)
+@click.argument("names", nargs=-1)
+@click.option("-f", "--filename", default=None, help="Delete the resources named in a file.")
+@click.option("-R", "--recursive", is_flag=True)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--skip-not-exists", is_flag=True, help="Do not fail on missing resources.")
+@pass_ctx
+def delete(ctx: Context, kind: str | None, names: tuple[str, ...], filename: str | None,
+           recursive: bool, namespace: str, skip_not_exists: bool) -> None:
+    """Delete resources: `delete KIND NAME...` or `delete -f FILE`."""
+    targets: list[tuple[Kind, str, str | None, str | None]] = []
+    if filename:
+        if kind:
+            raise click.UsageError("give either -f FILE or KIND NAME, not both")
+        for obj in store_mod.validate_all(read_manifests(filename, recursive), namespace):
+            k, name, ns = store_mod.identify(obj)
+            targets.append((k, name, ns, None))
+    else:
+        if not kind or not names:
+            raise click.UsageError("give KIND NAME... or -f FILE")
+        k = kind_from_cli(kind)
+        targets = [(k, name, namespace if k.namespaced else None, None) for name in names]
+    deleted = ctx.run(lambda st: st.delete_many(targets, skip_missing=skip_not_exists))
+    for obj in deleted:
+        k, name, ns = store_mod.identify(obj)
+        click.echo(f"deleted {store_mod.describe(k, name, ns)}")
+
+
+# ---- get / patch / label --------------------------------------------------------------------
+
+@cli.command()
+@click.argument("kind")
+@click.argument("names", nargs=-1)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default).")
+@click.option("-A", "--all-namespaces", is_flag=True, help="List across all namespaces.")
+@click.option("-o", "--output", "fmt", default="ps", show_default=True,
+              type=click.Choice(["ps", "wide", "yaml", "json"]))
+@pass_ctx
+def get(ctx: Context, kind: str, names: tuple[str, ...], namespace: str | None,
+        all_namespaces: bool, fmt: str) -> None:
+    """Show resources: `get KIND [NAME...] [-n NS | -A] [-o ps|wide|yaml|json]`."""
+    k = kind_from_cli(kind)
+    ns = None if (all_namespaces and not names) else (namespace or "default")
+
+    async def fetch(st: store_mod.ResourceStore) -> list[dict[str, Any]]:
+        if names:
+            return [await st.get(k, n, ns if k.namespaced else None) for n in names]
+        items = await st.list(k, ns if k.namespaced else None)
+        return sorted(items, key=lambda o: (o["metadata"].get("namespace", ""),
+                                            o["metadata"]["name"]))
+
+    items = ctx.run(fetch)
+    click.echo(output.render(k, items, fmt, single=len(names) == 1,
+                             all_namespaces=all_namespaces or ns is None))
+
+
+async def _modify(st: store_mod.ResourceStore, kind: Kind, name: str, namespace: str | None,
+                  change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Read, change, write back guarded by the revision read (no lost updates)."""
+    current = await st.get(kind, name, namespace)
+    changed = change(current)
+    changed.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
+    return (await st.write([changed], "replace", default_namespace=namespace or "default"))[0].obj
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+@click.option("-p", "--patch", "patch_text", required=True, help="The patch, as JSON or YAML.")
+@click.option("--type", "patch_type", default="strategic", show_default=True,
+              type=click.Choice(["strategic", "merge", "json"]))
+@click.option("-n", "--namespace", default="default", show_default=True)
+@pass_ctx
+def patch(ctx: Context, kind: str, name: str, patch_text: str, patch_type: str,
+          namespace: str) -> None:
+    """Patch a resource: `patch ippool pool1 -p '{"spec":{"natOutgoing":true}}'`."""
+    import yaml
+
+    k = kind_from_cli(kind)
+    try:
+        body = yaml.safe_load(patch_text)
+    except yaml.YAMLError as e:
+        raise ManifestError(f"the patch is not valid JSON/YAML: {e}") from e
+    ns = namespace if k.namespaced else None
+    ctx.run(lambda st: _modify(st, k, name, ns, lambda obj: apply_patch(obj, body, patch_type)))
+    click.echo(f"patched {store_mod.describe(k, name, ns)}")
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("--overwrite", is_flag=True, help="Allow changing an existing label's value.")
+@click.option("--remove", is_flag=True, help="Remove the named labels.")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@pass_ctx
+def label(ctx: Context, kind: str, name: str, labels: tuple[str, ...], overwrite: bool,
+          remove: bool, namespace: str) -> None:
+    """Set or remove labels: `label wep NAME k=v [--overwrite]`, `label ... k --remove`."""
+    k = kind_from_cli(kind)
+    ns = namespace if k.namespaced else None
+
+    def change(obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta["labels"] = apply_labels(meta.get("labels") or {}, list(labels), overwrite, remove)
+        return obj
+
+    ctx.run(lambda st: _modify(st, k, name, ns, change))
+    click.echo(f"labelled {store_mod.describe(k, name, ns)}")
+
+
+# ---- policy ---------------------------------------------------------------------------------
+
+@cli.group()
+def policy() -> None:
+    """Simulate and explain policy decisions."""
+
+
+@policy.command()
+@click.argument("filename")
+@click.option("-o", "--output", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "json"]))
+@click.option("--check", is_flag=True, help="Compare with the scenario's expectations.")
+def simulate(filename: str, fmt: str, check: bool) -> None:
+    """Evaluate a scenario file offline (no etcd needed)."""
+    from felix import scenario
+
+    results = scenario.run_file(filename)
+    if fmt == "json":
+        click.echo(json.dumps(scenario.to_json(results), indent=2))
+    else:
+        click.echo(scenario.format_text(results))
+    if check:
+        report = scenario.check(results)
+        click.echo(scenario.format_check(report))
+        if report.failed:
+            sys.exit(1)
+
+
+@policy.command()
+@click.option("--from", "src", required=True, help="NS/POD, a WorkloadEndpoint name or an IP.")
+@click.option("--to", "dst", required=True, help="NS/POD, a WorkloadEndpoint name or an IP.")
+@click.option("--port", default=None, help="PORT[/PROTOCOL], e.g. 80/TCP or 53/UDP.")
+@click.option("--protocol", default=None, help="Protocol when --port has none (default TCP).")
+@click.option("--icmp-type", type=int, default=None)
+@click.option("--icmp-code", type=int, default=None)
+@click.option("-o", "--output", "fmt", default="text", type=click.Choice(["text", "json"]))
+@pass_ctx
+def explain(ctx: Context, src: str, dst: str, port: str | None, protocol: str | None,
+            icmp_type: int | None, icmp_code: int | None, fmt: str) -> None:
+    """Say whether a flow is allowed by the live store's policies, and which rule decided."""
+    from datastore.kinds import kind_for
+    from felix import explain as explain_mod
+
+    flow = explain_mod.parse_flow(src, dst, port, protocol, icmp_type, icmp_code)
+
+    async def go(st: store_mod.ResourceStore) -> Any:
+        snapshot = await st.snapshot()
+        explain_mod.add_pod_endpoints(snapshot, await st.list(kind_for("Pod", "v1")))
+        return explain_mod.explain(snapshot, flow)
+
+    verdict = ctx.run(go)
+    if fmt == "json":
+        click.echo(json.dumps(explain_mod.verdict_json(flow, verdict), indent=2))
+    else:
+        click.echo(explain_mod.format_verdict(flow, verdict))
+
+
+@cli.command()
+def version() -> None:
+    """Print the client version."""
+    from importlib.metadata import version as pkg_version
+
+    click.echo(f"tabbyctl {pkg_version('tabby')}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (*USER_ERRORS, OSError) as e:
+        if os.environ.get("TABBY_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

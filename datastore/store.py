@@ -1,0 +1,355 @@
+"""Resources in etcd: validate, stamp metadata, write atomically, read back (I/O edge).
+
+Calico objects are stored exactly as Calico's etcdv3 backend stores them: the whole v3 object as
+compact JSON without `resourceVersion`, which is the key's mod_revision when read. Kubernetes
+objects are kept as the user wrote them (under `/tabby/k8s/`) and, in the same transaction, the
+Calico objects Calico's kube-controllers would derive from them are written (`kns.*` / `ksa.*`
+profiles, `knp.default.*` policies), so any Calico-model reader sees what Calico would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from datastore import etcd, k8s, validation
+from datastore.errors import ValidationError
+from datastore.kinds import ALL_KINDS, CALICO_PREFIX, Kind, UnknownKind, kind_for, kind_for_key
+from datastore.snapshot import Resource, Snapshot
+
+# Synthesised on every read of profiles, never stored (as Calico's etcd backend does).
+DEFAULT_ALLOW_PROFILE: Resource = {
+    "kind": "Profile",
+    "apiVersion": "projectcalico.org/v3",
+    "metadata": {"name": "projectcalico-default-allow"},
+    "spec": {"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}]},
+}
+APPLY_RETRIES = 5
+
+
+class StoreError(Exception):
+    """A resource operation failed; str() is one line a person can act on."""
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+class AlreadyExistsError(StoreError):
+    pass
+
+
+class ConflictError(StoreError):
+    pass
+
+
+def describe(kind: Kind, name: str, namespace: str | None) -> str:
+    return f"{kind.name} {namespace}/{name}" if kind.namespaced else f"{kind.name} {name}"
+
+
+def identify(obj: Resource) -> tuple[Kind, str, str | None]:
+    """(kind, name, namespace) of a validated object."""
+    kind = kind_for(obj["kind"], obj.get("apiVersion"))
+    meta = obj.get("metadata", {})
+    return kind, meta["name"], meta.get("namespace") if kind.namespaced else None
+
+
+def validate_any(obj: Any, default_namespace: str = "default") -> Resource:
+    """Validate and default a manifest of any kind Tabby knows; raises ValidationError."""
+    if not isinstance(obj, dict):
+        raise ValidationError([("", "a resource must be a mapping (kind, apiVersion, metadata)")])
+    if not obj.get("kind") or not obj.get("apiVersion"):
+        raise ValidationError([("kind" if not obj.get("kind") else "apiVersion", "is required")])
+    kind = kind_for(str(obj["kind"]), str(obj["apiVersion"]))
+    if kind.is_calico:
+        return validation.validate(obj, default_namespace=default_namespace)
+    return k8s.validate_k8s(obj, default_namespace=default_namespace)
+
+
+def encode(obj: Resource) -> bytes:
+    """Stored form: compact JSON, no resourceVersion (it is the key's mod revision)."""
+    stored = copy.deepcopy(obj)
+    stored.get("metadata", {}).pop("resourceVersion", None)
+    return json.dumps(stored, separators=(",", ":")).encode()
+
+
+def decode(kv: etcd.KV) -> Resource:
+    obj = json.loads(kv.value)
+    obj.setdefault("metadata", {})["resourceVersion"] = str(kv.mod_revision)
+    return obj
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stamp(obj: Resource, previous: Resource | None) -> Resource:
+    """uid and creationTimestamp: kept from the stored object, new on create."""
+    meta = obj.setdefault("metadata", {})
+    meta.pop("resourceVersion", None)
+    if previous is not None:
+        old = previous.get("metadata", {})
+        meta["uid"] = old.get("uid") or meta.get("uid") or str(uuid.uuid4())
+        meta["creationTimestamp"] = old.get("creationTimestamp") or _now()
+    else:
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+    return obj
+
+
+class ResourceStore:
+    """Typed operations on Tabby's resources over a connected `etcd.Datastore`."""
+
+    def __init__(self, ds: etcd.Datastore) -> None:
+        self.ds = ds
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Resource:
+        kv = await self.ds.get(kind.key(name, namespace))
+        if kv is None:
+            if kind.name == "Profile" and name == DEFAULT_ALLOW_PROFILE["metadata"]["name"]:
+                return copy.deepcopy(DEFAULT_ALLOW_PROFILE)
+            raise NotFoundError(f"{describe(kind, name, namespace)} not found")
+        return decode(kv)
+
+    async def list(self, kind: Kind, namespace: str | None = None) -> list[Resource]:
+        """All objects of a kind, in one namespace or (namespace None) all of them."""
+        kvs, _ = await self.ds.list(kind.list_prefix(namespace))
+        items = [decode(kv) for kv in kvs if kind_for_key(kv.key)]
+        if kind.name == "Profile":
+            items.append(copy.deepcopy(DEFAULT_ALLOW_PROFILE))
+        return items
+
+    async def snapshot(self) -> Snapshot:
+        """Every Calico object the policy model needs, read at one revision."""
+        kvs, _ = await self.ds.list(CALICO_PREFIX)
+        snap = Snapshot()
+        for kv in kvs:
+            if kind_for_key(kv.key):
+                snap.add(decode(kv))
+        snap.add(copy.deepcopy(DEFAULT_ALLOW_PROFILE))
+        return snap
+
+    # ---- writes ------------------------------------------------------------------------
+
+    async def create(self, obj: Resource) -> Resource:
+        return (await self.write([obj], "create"))[0].obj
+
+    async def replace(self, obj: Resource) -> Resource:
+        return (await self.write([obj], "replace"))[0].obj
+
+    async def apply(self, obj: Resource) -> Resource:
+        return (await self.write([obj], "apply"))[0].obj
+
+    async def write(self, objs: Sequence[Any], mode: str, skip_existing: bool = False,
+                    default_namespace: str = "default") -> list[WriteResult]:
+        """Create, replace or apply many manifests as ONE etcd transaction: all or nothing.
+
+        Every manifest is validated before anything is read or written. `replace` is guarded by
+        the resourceVersion the user gave (else the current one); `apply` upserts and retries
+        when someone else wrote in between.
+        """
+        if mode not in WRITE_MODES:
+            raise ValueError(f"mode must be one of {WRITE_MODES}")
+        valid = validate_all(objs, default_namespace)
+        for _ in range(APPLY_RETRIES):
+            plan = await self._plan(valid, mode, skip_existing)
+            ops = plan.ops()
+            if not ops:
+                return plan.results
+            try:
+                rev = await self.ds.commit(ops)
+            except etcd.Conflict as e:
+                if mode == "apply":
+                    continue  # a concurrent writer won; re-read and plan again
+                raise ConflictError(f"{self._who(e.key)} changed since it was read "
+                                    "(stale resourceVersion); re-read it and retry") from e
+            except etcd.AlreadyExists as e:
+                if mode == "apply":
+                    continue
+                raise AlreadyExistsError(f"{self._who(e.key)} already exists") from e
+            except etcd.NotFound as e:
+                if mode == "apply":
+                    continue
+                raise NotFoundError(f"{self._who(e.key)} not found") from e
+            for r in plan.results:
+                if r.action != "skipped":
+                    r.obj["metadata"]["resourceVersion"] = str(rev)
+            return plan.results
+        raise ConflictError("the objects kept changing while applying; retry")
+
+    async def delete(self, kind: Kind, name: str, namespace: str | None = None,
+                     resource_version: str | None = None) -> Resource:
+        return (await self.delete_many([(kind, name, namespace, resource_version)]))[0]
+
+    async def delete_many(self, targets: Sequence[tuple[Kind, str, str | None, str | None]],
+                          skip_missing: bool = False) -> list[Resource]:
+        """Delete several objects (and what was derived from them) in one transaction."""
+        ops: list[etcd.Op] = []
+        deleted: list[Resource] = []
+        for kind, name, namespace, rv in targets:
+            if kind.namespaced and not namespace:
+                namespace = "default"
+            key = kind.key(name, namespace)
+            kv = await self.ds.get(key)
+            if kv is None:
+                if skip_missing:
+                    continue
+                raise NotFoundError(f"{describe(kind, name, namespace)} not found")
+            current = decode(kv)
+            ops.append(etcd.Delete(key, int(rv) if rv else kv.mod_revision))
+            ops += [etcd.Delete(k) for k in self._derived_keys(current)]
+            deleted.append(current)
+        if ops:
+            try:
+                await self.ds.commit(_dedupe(ops))
+            except etcd.Conflict as e:
+                raise ConflictError(f"{self._who(e.key)} changed since it was read "
+                                    "(stale resourceVersion); re-read it and retry") from e
+            except etcd.NotFound as e:
+                raise NotFoundError(f"{self._who(e.key)} not found") from e
+        return deleted
+
+    # ---- internals ---------------------------------------------------------------------
+
+    async def _plan(self, objs: list[Resource], mode: str, skip_existing: bool) -> _Plan:
+        plan = _Plan()
+        for obj in objs:
+            obj = copy.deepcopy(obj)
+            kind, name, ns = identify(obj)
+            key = kind.key(name, ns)
+            given_rv = obj["metadata"].get("resourceVersion")
+            kv = await self.ds.get(key)
+            current = decode(kv) if kv else None
+            if kv is None and mode == "replace":
+                raise NotFoundError(f"{describe(kind, name, ns)} not found; use create or apply")
+            if kv is not None and mode == "create":
+                if skip_existing:
+                    plan.results.append(WriteResult(current or obj, "skipped"))
+                    continue
+                raise AlreadyExistsError(f"{describe(kind, name, ns)} already exists; "
+                                         "use apply or replace")
+            _stamp(obj, current)
+            if kv is None:
+                plan.primary.append(etcd.Create(key, encode(obj)))
+                plan.results.append(WriteResult(obj, "created"))
+            else:
+                guard = int(given_rv) if (given_rv and mode == "replace") else kv.mod_revision
+                plan.primary.append(etcd.Update(key, encode(obj), guard))
+                plan.results.append(WriteResult(obj, "configured"))
+            plan.secondary += self._derived_ops(obj)
+            plan.secondary += await self._pod_relabel_ops(obj)
+        return plan
+
+    def _derived_ops(self, obj: Resource) -> list[etcd.Op]:
+        """Calico objects implied by a Kubernetes object, written unconditionally (we own them)."""
+        ops: list[etcd.Op] = []
+        for derived in k8s.derived_objects(obj):
+            d = validation.validate(derived)
+            dkind, dname, dns = identify(d)
+            _stamp(d, None)
+            ops.append(etcd.Put(dkind.key(dname, dns), encode(d)))
+        return ops
+
+    def _derived_keys(self, obj: Resource) -> list[str]:
+        keys = []
+        for derived in k8s.derived_objects(obj):
+            dkind, dname, dns = identify(derived)
+            keys.append(dkind.key(dname, dns))
+        return keys
+
+    async def _pod_relabel_ops(self, obj: Resource) -> list[etcd.Op]:
+        """A (re)labelled Pod relabels its WorkloadEndpoints (kube-controllers' pod controller)."""
+        if obj.get("kind") != "Pod" or obj.get("apiVersion") != "v1":
+            return []
+        wep_kind = kind_for("WorkloadEndpoint")
+        ns = obj["metadata"]["namespace"]
+        ops: list[etcd.Op] = []
+        for wep in await self.list(wep_kind, ns):
+            spec = wep["spec"]
+            if spec.get("pod") != obj["metadata"]["name"]:
+                continue
+            rev = int(wep["metadata"]["resourceVersion"])
+            fresh = k8s.workload_endpoint_for_pod(
+                obj, spec["node"], spec.get("ipNetworks", []),
+                container_id=spec.get("containerID", ""),
+                interface_name=spec.get("interfaceName"),
+                mac=spec.get("mac", ""), endpoint=spec.get("endpoint", "eth0"))
+            wep["metadata"]["labels"] = fresh["metadata"]["labels"]
+            for field_name in ("profiles", "serviceAccountName", "ports"):
+                if field_name in fresh["spec"]:
+                    spec[field_name] = fresh["spec"][field_name]
+            ops.append(etcd.Update(wep_kind.key(wep["metadata"]["name"], ns), encode(wep), rev))
+        return ops
+
+    @staticmethod
+    def _who(key: str) -> str:
+        found = kind_for_key(key)
+        if found is None:
+            return key
+        kind, ns, name = found
+        return describe(kind, name, ns)
+
+
+WRITE_MODES = ("create", "replace", "apply")
+
+
+@dataclass
+class WriteResult:
+    obj: Resource
+    action: str  # created | configured | skipped
+
+
+@dataclass
+class _Plan:
+    primary: list[etcd.Op] = field(default_factory=list)
+    secondary: list[etcd.Op] = field(default_factory=list)
+    results: list[WriteResult] = field(default_factory=list)
+
+    def ops(self) -> list[etcd.Op]:
+        return _dedupe(self.primary + self.secondary)
+
+
+def _dedupe(ops: list[etcd.Op]) -> list[etcd.Op]:
+    """etcd refuses a txn that names a key twice; the user's own objects win over derived ones."""
+    seen: dict[str, etcd.Op] = {}
+    for op in ops:
+        seen.setdefault(op.key, op)
+    return list(seen.values())
+
+
+def validate_all(objs: Sequence[Any], default_namespace: str = "default") -> list[Resource]:
+    """Validate every manifest; one ValidationError naming each bad document, or the list."""
+    valid: list[Resource] = []
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, obj in enumerate(objs):
+        where = f"document {i + 1}" if len(objs) > 1 else ""
+        try:
+            v = validate_any(obj, default_namespace)
+        except (ValidationError, UnknownKind) as e:
+            problems.append((where, str(e)))
+            continue
+        kind, name, ns = identify(v)
+        key = kind.key(name, ns)
+        if key in seen:
+            problems.append((where, f"{describe(kind, name, ns)} is also document {seen[key]}"))
+        seen[key] = i + 1
+        valid.append(v)
+    if problems:
+        raise ValidationError(problems)
+    return valid
+
+
+def kinds_in_order(objs: Sequence[Resource]) -> list[Resource]:
+    """Order manifests so that what others refer to is written first (tiers before policies,
+    namespaces before pods), as `kubectl apply` users expect a multi-document file to work."""
+    rank = {k.name: i for i, k in enumerate(ALL_KINDS)}
+    first = {"Tier": -3, "Namespace": -2, "ServiceAccount": -1}
+    return sorted(objs, key=lambda o: first.get(o.get("kind", ""), rank.get(o.get("kind", ""), 99)))

@@ -1,0 +1,519 @@
+"""What applies to each endpoint: datastore state in, ordered tiers/policies/profiles out (pure).
+
+This is Felix's calculation graph in one pass over a `Snapshot`: policies and profiles are
+compiled the way Calico's update processors compile them (namespaced selectors, see
+`felix.rules`), endpoints get their effective labels (own labels plus the `labelsToApply` of
+their profiles), and `PolicyIndex` answers the questions both executors ask: which tiers and
+policies apply to an endpoint in a direction, which profiles follow, and what an IP set holds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from datastore.selector import Selector, parse
+from datastore.snapshot import Resource, Snapshot
+from felix.rules import (
+    DIRECTIONS,
+    NAMESPACE_LABEL,
+    NAMESPACE_PREFIX,
+    SERVICEACCOUNT_LABEL,
+    SERVICEACCOUNT_PREFIX,
+    CompiledRule,
+    Direction,
+    IPAddress,
+    IPNetwork,
+    compile_rules,
+    parse_net,
+    protocol_number,
+)
+
+DEFAULT_TIER = "default"
+# Orders Calico gives its built-in tiers (api/.../tier.go).
+BUILTIN_TIER_ORDERS: dict[str, float] = {
+    "kube-admin": 1_000.0,
+    DEFAULT_TIER: 1_000_000.0,
+    "kube-baseline": 10_000_000.0,
+}
+KNP_PREFIX = "knp.default."
+NAMESPACE_PROFILE_PREFIX = "kns."
+
+_SHORT_KINDS = {
+    "NetworkPolicy": "np",
+    "GlobalNetworkPolicy": "gnp",
+    "KubernetesNetworkPolicy": "knp",
+    "StagedNetworkPolicy": "snp",
+    "StagedGlobalNetworkPolicy": "sgnp",
+    "StagedKubernetesNetworkPolicy": "sknp",
+}
+_NAMESPACED_KINDS = frozenset(
+    {"NetworkPolicy", "KubernetesNetworkPolicy", "StagedNetworkPolicy",
+     "StagedKubernetesNetworkPolicy"}
+)
+
+
+# --- policies and profiles -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyId:
+    kind: str  # NetworkPolicy | GlobalNetworkPolicy | KubernetesNetworkPolicy | Staged...
+    namespace: str | None
+    name: str
+
+    @property
+    def short_kind(self) -> str:
+        return _SHORT_KINDS.get(self.kind, self.kind)
+
+    @property
+    def chain_id(self) -> str:
+        """Felix's policy ID (`knp/ns/name`, `gnp/name`), the base of its chain names."""
+        parts = [self.short_kind, self.namespace, self.name]
+        return "/".join(p for p in parts if p)
+
+    @property
+    def sort_key(self) -> str:
+        # Tie-break for equal orders: Felix's PolKVLess compares "name/namespace/kind".
+        return f"{self.name}/{self.namespace or ''}/{self.kind}"
+
+    def __str__(self) -> str:
+        # knp.default.* and global names speak for themselves; Calico NPs carry their namespace.
+        if self.kind == "NetworkPolicy" and self.namespace:
+            return f"{self.namespace}/{self.name}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    id: PolicyId
+    tier: str
+    order: float | None
+    types: frozenset[Direction]
+    selector: Selector  # namespaced: which endpoints the policy applies to
+    ingress: tuple[CompiledRule, ...] = ()
+    egress: tuple[CompiledRule, ...] = ()
+    do_not_track: bool = False
+    pre_dnat: bool = False
+    apply_on_forward: bool = False
+    staged: bool = False
+
+    @property
+    def namespace(self) -> str | None:
+        return self.id.namespace
+
+    @property
+    def name(self) -> str:
+        return self.id.name
+
+    @property
+    def sort_key(self) -> tuple[float, str]:
+        return (math.inf if self.order is None else self.order, self.id.sort_key)
+
+    def rules(self, direction: Direction) -> tuple[CompiledRule, ...]:
+        return self.ingress if direction == "ingress" else self.egress
+
+
+@dataclass(frozen=True)
+class CompiledProfile:
+    name: str
+    ingress: tuple[CompiledRule, ...] = ()
+    egress: tuple[CompiledRule, ...] = ()
+    labels_to_apply: Mapping[str, str] = field(default_factory=dict, compare=False)
+    missing: bool = False  # a stand-in for a profile the endpoint names but the store lacks
+
+    def rules(self, direction: Direction) -> tuple[CompiledRule, ...]:
+        return self.ingress if direction == "ingress" else self.egress
+
+
+def _policy_kind(obj: Resource) -> str:
+    kind = obj.get("kind", "NetworkPolicy")
+    if kind == "NetworkPolicy" and obj["metadata"]["name"].startswith(KNP_PREFIX):
+        return "KubernetesNetworkPolicy"
+    return kind
+
+
+def _default_types(spec: Mapping[str, Any]) -> frozenset[Direction]:
+    # Calico's write-time defaulting: egress rules only -> [Egress]; both -> both; else [Ingress].
+    if spec.get("egress"):
+        return frozenset({"ingress", "egress"}) if spec.get("ingress") else frozenset({"egress"})
+    return frozenset({"ingress"})
+
+
+def _types(spec: Mapping[str, Any]) -> frozenset[Direction]:
+    types = spec.get("types")
+    if not types:
+        return _default_types(spec)
+    wanted = {t.lower() for t in types}
+    return frozenset(d for d in DIRECTIONS if d in wanted)
+
+
+def _and_prefixed(current: str, extra: str, prefix: str) -> str:
+    """Calico's prefixAndAppendSelector: `(current) && <extra with prefixed labels>`."""
+    if not extra:
+        return current
+    prefixed = parse(extra).with_label_prefix(prefix).canonical
+    return f"({current}) && {prefixed}" if current else prefixed
+
+
+def _namespaced_policy_selector(spec: Mapping[str, Any], namespace: str) -> str:
+    selector = spec.get("selector") or ""
+    clause = f"{NAMESPACE_LABEL} == '{namespace}'"
+    selector = f"({selector}) && {clause}" if selector else clause
+    return _and_prefixed(selector, spec.get("serviceAccountSelector") or "", SERVICEACCOUNT_PREFIX)
+
+
+def _global_policy_selector(spec: Mapping[str, Any]) -> str:
+    selector = spec.get("selector") or ""
+    if spec.get("namespaceSelector"):
+        selector = _and_prefixed(selector, spec["namespaceSelector"], NAMESPACE_PREFIX)
+        # As Calico does, over the whole text: all() now means "any namespaced endpoint".
+        selector = selector.replace("all()", f"has({NAMESPACE_LABEL})")
+    if spec.get("serviceAccountSelector"):
+        selector = _and_prefixed(selector, spec["serviceAccountSelector"], SERVICEACCOUNT_PREFIX)
+        selector = selector.replace("all()", f"has({SERVICEACCOUNT_LABEL})")
+    return selector
+
+
+def compile_policy(obj: Resource) -> CompiledPolicy:
+    """A (Global)NetworkPolicy as Felix enforces it. Raises SelectorError/ValueError if invalid."""
+    kind = _policy_kind(obj)
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    namespace = meta.get("namespace") if kind in _NAMESPACED_KINDS else None
+    if kind in _NAMESPACED_KINDS and not namespace:
+        raise ValueError(f"{kind} {meta['name']} has no namespace")
+    text = (_namespaced_policy_selector(spec, namespace) if namespace
+            else _global_policy_selector(spec))
+    order = spec.get("order")
+    return CompiledPolicy(
+        id=PolicyId(kind, namespace, meta["name"]),
+        tier=spec.get("tier") or DEFAULT_TIER,
+        order=float(order) if order is not None else None,
+        types=_types(spec),
+        selector=parse(text),
+        ingress=compile_rules(spec.get("ingress"), namespace),
+        egress=compile_rules(spec.get("egress"), namespace),
+        do_not_track=bool(spec.get("doNotTrack")),
+        pre_dnat=bool(spec.get("preDNAT")),
+        apply_on_forward=bool(spec.get("applyOnForward")),
+        staged=kind.startswith("Staged") or bool(spec.get("stagedAction")),
+    )
+
+
+def compile_profile(obj: Resource) -> CompiledProfile:
+    spec = obj.get("spec") or {}
+    return CompiledProfile(
+        name=obj["metadata"]["name"],
+        ingress=compile_rules(spec.get("ingress"), None),
+        egress=compile_rules(spec.get("egress"), None),
+        labels_to_apply=dict(spec.get("labelsToApply") or {}),
+    )
+
+
+def missing_profile(name: str) -> CompiledProfile:
+    """What Felix programs for a profile it cannot find: deny both ways (fail closed)."""
+    deny = compile_rules([{"action": "Deny"}], None)
+    return CompiledProfile(name=name, ingress=deny, egress=deny, missing=True)
+
+
+# --- tiers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    order: float | None
+    default_action: str = "Deny"  # Deny | Pass
+    valid: bool = True  # False: named by a policy but absent from the store (sorted last)
+
+    @property
+    def sort_key(self) -> tuple[bool, bool, float, str]:
+        # Felix's TierLess: valid first, then order (nil last), then name.
+        return (not self.valid, self.order is None, self.order or 0.0, self.name)
+
+
+@dataclass(frozen=True)
+class TierPolicies:
+    tier: Tier
+    policies: tuple[CompiledPolicy, ...]
+
+
+def _tier(obj: Resource) -> Tier:
+    name = obj["metadata"]["name"]
+    spec = obj.get("spec") or {}
+    order = spec.get("order")
+    return Tier(
+        name=name,
+        order=float(order) if order is not None else BUILTIN_TIER_ORDERS.get(name),
+        default_action=spec.get("defaultAction") or "Deny",
+    )
+
+
+def _tiers(objs: Iterable[Resource], policies: Iterable[CompiledPolicy]) -> dict[str, Tier]:
+    tiers = {t.name: t for t in map(_tier, objs)}
+    # The default tier always exists in Calico even when nobody stored it.
+    tiers.setdefault(DEFAULT_TIER, Tier(DEFAULT_TIER, BUILTIN_TIER_ORDERS[DEFAULT_TIER]))
+    for policy in policies:
+        # An unknown tier keeps its policies but ends in a drop: fail closed.
+        tiers.setdefault(policy.tier, Tier(policy.tier, None, "Deny", valid=False))
+    return tiers
+
+
+# --- endpoints and network sets ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    name: str
+    protocol: int
+    port: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A WorkloadEndpoint or HostEndpoint with what policy needs of it."""
+
+    kind: str  # WorkloadEndpoint | HostEndpoint
+    name: str  # metadata.name
+    namespace: str | None
+    node: str
+    workload: str | None  # the pod's name, for WorkloadEndpoints
+    interface: str
+    labels: Mapping[str, str] = field(compare=False)  # own labels + inherited profile labels
+    nets: tuple[IPNetwork, ...] = ()
+    profiles: tuple[str, ...] = ()
+    ports: tuple[NamedPort, ...] = ()
+
+    @property
+    def is_host(self) -> bool:
+        return self.kind == "HostEndpoint"
+
+    @property
+    def display(self) -> str:
+        if self.is_host:
+            return f"host endpoint {self.name}"
+        return f"{self.namespace}/{self.workload or self.name}"
+
+    def addresses(self, version: int) -> list[IPAddress]:
+        return [n.network_address for n in self.nets if n.version == version]
+
+
+@dataclass(frozen=True)
+class NetworkSet:
+    kind: str  # NetworkSet | GlobalNetworkSet
+    name: str
+    namespace: str | None
+    labels: Mapping[str, str] = field(compare=False)
+    nets: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointRef:
+    """Names an endpoint: (namespace, pod) for a pod, (None, name) for a HostEndpoint.
+
+    The name may also be a WorkloadEndpoint's own name (`node-k8s-pod-eth0`).
+    """
+
+    namespace: str | None
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> EndpointRef:
+        """`ns/pod` or a bare HostEndpoint/WorkloadEndpoint name."""
+        namespace, sep, name = text.partition("/")
+        return cls(namespace, name) if sep else cls(None, text)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+def effective_labels(own: Mapping[str, str], profiles: Iterable[str],
+                     known: Mapping[str, CompiledProfile]) -> dict[str, str]:
+    """Own labels win over inherited ones; among profiles, the earlier one wins."""
+    labels: dict[str, str] = {}
+    for name in reversed(list(profiles)):
+        profile = known.get(name)
+        if profile is not None:
+            labels.update(profile.labels_to_apply)
+    labels.update(own)
+    return labels
+
+
+def _endpoint_ports(ports: Iterable[Mapping[str, Any]]) -> tuple[NamedPort, ...]:
+    # Only named ports matter to policy; unnamed ones cannot be referenced.
+    return tuple(
+        NamedPort(p["name"], protocol_number(p.get("protocol", "TCP")), int(p["port"]))
+        for p in ports if p.get("name")
+    )
+
+
+def _workload_own_labels(obj: Resource) -> dict[str, str]:
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    # A pod cannot claim namespace/service-account labels: those only come from profiles.
+    labels = {k: v for k, v in (meta.get("labels") or {}).items()
+              if not k.startswith((NAMESPACE_PREFIX, SERVICEACCOUNT_PREFIX))}
+    if spec.get("serviceAccountName"):
+        labels[SERVICEACCOUNT_LABEL] = spec["serviceAccountName"]
+    labels.setdefault(NAMESPACE_LABEL, meta["namespace"])
+    return labels
+
+
+def workload_endpoint(obj: Resource, profiles: Mapping[str, CompiledProfile]) -> Endpoint:
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    profile_names = tuple(spec.get("profiles") or ())
+    return Endpoint(
+        kind="WorkloadEndpoint",
+        name=meta["name"],
+        namespace=meta["namespace"],
+        node=spec.get("node", ""),
+        workload=spec.get("pod") or spec.get("workload"),
+        interface=spec.get("interfaceName", ""),
+        labels=effective_labels(_workload_own_labels(obj), profile_names, profiles),
+        nets=tuple(parse_net(n) for n in spec.get("ipNetworks") or ()),
+        profiles=profile_names,
+        ports=_endpoint_ports(spec.get("ports") or ()),
+    )
+
+
+def host_endpoint(obj: Resource, profiles: Mapping[str, CompiledProfile]) -> Endpoint:
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    profile_names = tuple(spec.get("profiles") or ())
+    return Endpoint(
+        kind="HostEndpoint",
+        name=meta["name"],
+        namespace=None,
+        node=spec.get("node", ""),
+        workload=None,
+        interface=spec.get("interfaceName", ""),
+        labels=effective_labels(meta.get("labels") or {}, profile_names, profiles),
+        nets=tuple(parse_net(ip) for ip in spec.get("expectedIPs") or ()),
+        profiles=profile_names,
+        ports=_endpoint_ports(spec.get("ports") or ()),
+    )
+
+
+def network_set(obj: Resource, profiles: Mapping[str, CompiledProfile]) -> NetworkSet:
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    namespace = meta.get("namespace") if obj.get("kind") == "NetworkSet" else None
+    labels = dict(meta.get("labels") or {})
+    parents: tuple[str, ...] = ()
+    if namespace:
+        # Calico labels a NetworkSet with its namespace and parents it on kns.<ns>, so
+        # same-namespace selectors and namespaceSelectors reach it.
+        labels[NAMESPACE_LABEL] = namespace
+        parents = (NAMESPACE_PROFILE_PREFIX + namespace,)
+    return NetworkSet(
+        kind=obj.get("kind", "GlobalNetworkSet"),
+        name=meta["name"],
+        namespace=namespace,
+        labels=effective_labels(labels, parents, profiles),
+        nets=tuple(parse_net(n) for n in spec.get("nets") or ()),
+    )
+
+
+# --- the index -----------------------------------------------------------------------------
+
+NamedPortMember = tuple[IPAddress, int, int]  # (ip, protocol number, port)
+
+
+def _applies(policy: CompiledPolicy, endpoint: Endpoint, direction: Direction) -> bool:
+    if policy.staged or direction not in policy.types:
+        return False
+    # preDNAT and doNotTrack policies live in the raw/mangle tables, which this model omits
+    # (and which never apply to workloads).
+    if policy.pre_dnat or policy.do_not_track:
+        return False
+    return policy.selector.matches(endpoint.labels)
+
+
+class PolicyIndex:
+    """The cluster's policy state, compiled once; answers per-endpoint questions."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.profiles: dict[str, CompiledProfile] = {
+            p.name: p for p in map(compile_profile, snapshot.profiles)
+        }
+        self.policies: tuple[CompiledPolicy, ...] = tuple(
+            map(compile_policy, [*snapshot.global_network_policies, *snapshot.network_policies])
+        )
+        tiers = _tiers(snapshot.tiers, self.policies)
+        self.tiers: tuple[Tier, ...] = tuple(sorted(tiers.values(), key=lambda t: t.sort_key))
+        self.endpoints: tuple[Endpoint, ...] = (
+            *(workload_endpoint(w, self.profiles) for w in snapshot.workload_endpoints),
+            *(host_endpoint(h, self.profiles) for h in snapshot.host_endpoints),
+        )
+        self.network_sets: tuple[NetworkSet, ...] = tuple(
+            network_set(s, self.profiles)
+            for s in [*snapshot.network_sets, *snapshot.global_network_sets]
+        )
+        self._by_tier: dict[str, list[CompiledPolicy]] = {t.name: [] for t in self.tiers}
+        for policy in sorted(self.policies, key=lambda p: p.sort_key):
+            self._by_tier[policy.tier].append(policy)
+        self._members: dict[Selector, frozenset[IPNetwork]] = {}
+
+    # -- what applies to an endpoint
+
+    def tiers_for(self, endpoint: Endpoint, direction: Direction) -> list[TierPolicies]:
+        """Tiers in order, each with its ordered policies that apply; tiers with none omitted."""
+        out = []
+        for tier in self.tiers:
+            chosen = [p for p in self._by_tier[tier.name] if _applies(p, endpoint, direction)]
+            if chosen:
+                out.append(TierPolicies(tier, tuple(chosen)))
+        return out
+
+    def profiles_for(self, endpoint: Endpoint) -> list[CompiledProfile]:
+        return [self.profiles.get(n) or missing_profile(n) for n in endpoint.profiles]
+
+    # -- finding endpoints
+
+    def find_endpoint(self, ref: EndpointRef) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ref.namespace is None and ep.name == ref.name:
+                return ep
+            if ep.namespace == ref.namespace and ref.name in (ep.workload, ep.name):
+                return ep
+        return None
+
+    def endpoint_for_ip(self, ip: IPAddress) -> Endpoint | None:
+        """The endpoint owning `ip`; a workload wins over a host endpoint listing it."""
+        owners = [ep for ep in self.endpoints if any(ip in n for n in ep.nets)]
+        owners.sort(key=lambda ep: ep.is_host)
+        return owners[0] if owners else None
+
+    # -- IP sets
+
+    def selector_members(self, selector: Selector) -> frozenset[IPNetwork]:
+        """What Felix's IP set for `selector` holds: nets of every matching endpoint/network set."""
+        members = self._members.get(selector)
+        if members is None:
+            contributors: list[Endpoint | NetworkSet] = [*self.endpoints, *self.network_sets]
+            members = frozenset(
+                net for c in contributors if selector.matches(c.labels) for net in c.nets
+            )
+            self._members[selector] = members
+        return members
+
+    def named_port_members(self, selector: Selector, name: str,
+                           protocol: int | None) -> frozenset[NamedPortMember]:
+        """(ip, protocol, port) for each matching endpoint exposing port `name`.
+
+        `protocol` is the rule's; None means the named port of any protocol.
+        """
+        return frozenset(
+            (net.network_address, port.protocol, port.port)
+            for ep in self.endpoints if selector.matches(ep.labels)
+            for port in ep.ports
+            if port.name == name and (protocol is None or port.protocol == protocol)
+            for net in ep.nets
+        )
+
+
+def ip_address(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up everything Tabby needs on a Debian 12 machine (run as root): the Debian packages and
+# a virtualenv in ./.venv with Tabby installed. Idempotent; silent when everything is in place.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv)
+
+say() { echo "install.sh: $*"; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    say "needs root to install: ${missing[*]}"; exit 1
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  # Keep package scripts from starting a system-wide etcd on :2379; Tabby starts its own.
+  had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1
+  if [ "$had_policy" = 0 ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ "$had_policy" = 0 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+  fi
+fi
+
+PY=${PYTHON:-python3}
+stamp=.venv/.tabby-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "creating the virtualenv .venv"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  log=.venv/pip-install.log
+  if ! .venv/bin/python -m pip install -q -e '.[test]' >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" | tail -20; say "pip install failed (full log: $log)"; exit 1
+  fi
+  .venv/bin/python -c 'import aetcd, click, yaml' || { say "venv install failed"; exit 1; }
+  echo "$want" > "$stamp"
+fi
