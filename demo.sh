@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, until the netns lab exists: a private etcd, the user's seed policies applied with
-# tabbyctl, decisions explained against the live store, then the seed walkthrough simulated.
+# tabbyctl, decisions explained against the live store, then the seed walkthroughs simulated.
 # Leaves nothing behind: its etcd is stopped (by pid) and its data removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,28 +40,22 @@ metadata: {name: dev-linuxea}
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: prod-linuxea, labels: {privileged-namespace: "true"}}
+metadata: {name: prod-linuxea}
 ---
-apiVersion: projectcalico.org/v3
-kind: WorkloadEndpoint
-metadata:
-  name: node1-k8s-pod--linuxea--1-eth0
-  namespace: dev-linuxea
-  labels: {app: linuxea.com, projectcalico.org/namespace: dev-linuxea, projectcalico.org/orchestrator: k8s}
-spec: {orchestrator: k8s, node: node1, pod: pod-linuxea-1, endpoint: eth0, interfaceName: cali1234567890a,
-       ipNetworks: [172.16.4.8/32], profiles: [kns.dev-linuxea]}
+apiVersion: v1
+kind: Pod
+metadata: {name: pod-linuxea-1, namespace: dev-linuxea, labels: {app: linuxea.com}}
+spec: {nodeName: node2, containers: [{name: linuxeaapp, ports: [{name: http, containerPort: 80}]}]}
+status: {podIP: 172.16.4.8}
 ---
-apiVersion: projectcalico.org/v3
-kind: WorkloadEndpoint
-metadata:
-  name: node2-k8s-client-eth0
-  namespace: prod-linuxea
-  labels: {app: client, projectcalico.org/namespace: prod-linuxea, projectcalico.org/orchestrator: k8s}
-spec: {orchestrator: k8s, node: node2, pod: client, endpoint: eth0, interfaceName: cali0987654321b,
-       ipNetworks: [172.16.3.46/32], profiles: [kns.prod-linuxea]}
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: prod-linuxea, labels: {app: client}}
+spec: {nodeName: node3, containers: [{name: client}]}
+status: {podIP: 172.16.3.46}
 YAML
 run $TABBYCTL apply -f "$work/cluster.yaml"
-run $TABBYCTL get wep -A
+run $TABBYCTL get pods -A
 
 step "seed 001: deny all ingress in dev-linuxea, then allow TCP 80/81 from 172.16.0.0/16 except 172.16.8.0/24"
 run $TABBYCTL apply -n dev-linuxea -f conf/examples/001-deny-ingress.yaml
@@ -83,7 +77,10 @@ run $TABBYCTL get globalnetworkpolicy broken || true
 step "what etcdctl shows: Calico's key layout"
 ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" get --prefix /calico/resources/v3/ --keys-only | sed '/^$/d'
 
-step "the seed walkthrough, simulated (conf/examples/walkthrough.yaml)"
-run $TABBYCTL policy simulate --check conf/examples/walkthrough.yaml
+for scenario in tests/scenarios/seed-001-walkthrough.yaml tests/scenarios/seed-003-global-policies.yaml \
+                tests/scenarios/seed-004-test-network-policy.yaml; do
+  step "simulated: $scenario (the seed manifests from conf/examples/, step by step)"
+  run $TABBYCTL policy simulate --check "$scenario"
+done
 
 step "done: the demo etcd is stopped and its data removed"

@@ -21,13 +21,15 @@ from datastore.errors import ValidationError
 from datastore.etcd import Datastore, DatastoreError
 from datastore.kinds import Kind, UnknownKind, kind_from_cli
 from datastore.selector import SelectorError
+from felix.explain import ExplainError
+from felix.scenario import ScenarioError
 
 T = TypeVar("T")
 
 # Every error a user can cause or meet: printed as one line, exit status 1, nothing written.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ValidationError, store_mod.StoreError, DatastoreError, ConfigError, ManifestError,
-    PatchError, UnknownKind, SelectorError,
+    PatchError, UnknownKind, SelectorError, ExplainError, ScenarioError,
 )
 
 

@@ -30,6 +30,8 @@ DEFAULT_ALLOW_PROFILE: Resource = {
     "spec": {"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}]},
 }
 APPLY_RETRIES = 5
+# etcd's default --max-txn-ops is 128; keep a margin.
+MAX_TXN_OPS = 120
 
 
 class StoreError(Exception):
@@ -160,11 +162,10 @@ class ResourceStore:
         valid = validate_all(objs, default_namespace)
         for _ in range(APPLY_RETRIES):
             plan = await self._plan(valid, mode, skip_existing)
-            ops = plan.ops()
-            if not ops:
+            if not plan.ops():
                 return plan.results
             try:
-                rev = await self.ds.commit(ops)
+                rev = await self._commit_in_batches(plan.ops())
             except etcd.Conflict as e:
                 if mode == "apply":
                     continue  # a concurrent writer won; re-read and plan again
@@ -204,11 +205,11 @@ class ResourceStore:
                 raise NotFoundError(f"{describe(kind, name, namespace)} not found")
             current = decode(kv)
             ops.append(etcd.Delete(key, int(rv) if rv else kv.mod_revision))
-            ops += [etcd.Delete(k) for k in self._derived_keys(current)]
+            ops += [etcd.Purge(k) for k in self._derived_keys(current)]
             deleted.append(current)
         if ops:
             try:
-                await self.ds.commit(_dedupe(ops))
+                await self._commit_in_batches(_dedupe(ops))
             except etcd.Conflict as e:
                 raise ConflictError(f"{self._who(e.key)} changed since it was read "
                                     "(stale resourceVersion); re-read it and retry") from e
@@ -217,6 +218,13 @@ class ResourceStore:
         return deleted
 
     # ---- internals ---------------------------------------------------------------------
+
+    async def _commit_in_batches(self, ops: list[etcd.Op]) -> int:
+        """One transaction, unless etcd's per-transaction limit forces several (huge files)."""
+        rev = 0
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            rev = await self.ds.commit(ops[start:start + MAX_TXN_OPS])
+        return rev
 
     async def _plan(self, objs: list[Resource], mode: str, skip_existing: bool) -> _Plan:
         plan = _Plan()
@@ -244,6 +252,7 @@ class ResourceStore:
                 plan.primary.append(etcd.Update(key, encode(obj), guard))
                 plan.results.append(WriteResult(obj, "configured"))
             plan.secondary += self._derived_ops(obj)
+            plan.secondary += await self._default_service_account_ops(obj)
             plan.secondary += await self._pod_relabel_ops(obj)
         return plan
 
@@ -258,15 +267,27 @@ class ResourceStore:
         return ops
 
     def _derived_keys(self, obj: Resource) -> list[str]:
+        derived = k8s.derived_objects(obj)
+        if _is_k8s(obj, "Namespace"):
+            derived += k8s.derived_objects(_default_service_account(obj["metadata"]["name"]))
         keys = []
-        for derived in k8s.derived_objects(obj):
-            dkind, dname, dns = identify(derived)
+        for d in derived:
+            dkind, dname, dns = identify(d)
             keys.append(dkind.key(dname, dns))
         return keys
 
+    async def _default_service_account_ops(self, obj: Resource) -> list[etcd.Op]:
+        """Every namespace has a `default` ServiceAccount; its profile is created with the
+        namespace unless it exists already (a user's own `default` SA labels are kept)."""
+        if not _is_k8s(obj, "Namespace"):
+            return []
+        sa = validate_any(_default_service_account(obj["metadata"]["name"]))
+        ops = self._derived_ops(sa)
+        return [op for op in ops if await self.ds.get(op.key) is None]
+
     async def _pod_relabel_ops(self, obj: Resource) -> list[etcd.Op]:
         """A (re)labelled Pod relabels its WorkloadEndpoints (kube-controllers' pod controller)."""
-        if obj.get("kind") != "Pod" or obj.get("apiVersion") != "v1":
+        if not _is_k8s(obj, "Pod"):
             return []
         wep_kind = kind_for("WorkloadEndpoint")
         ns = obj["metadata"]["namespace"]
@@ -298,6 +319,15 @@ class ResourceStore:
 
 
 WRITE_MODES = ("create", "replace", "apply")
+
+
+def _is_k8s(obj: Resource, kind: str) -> bool:
+    return obj.get("kind") == kind and obj.get("apiVersion") == "v1"
+
+
+def _default_service_account(namespace: str) -> Resource:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "default", "namespace": namespace}}
 
 
 @dataclass

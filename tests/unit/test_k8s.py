@@ -395,7 +395,8 @@ def test_no_namespace_clause_is_added():
 
 
 def test_emitted_selectors_parse():
-    selector = pytest.importorskip("datastore.selector")
+    from datastore import selector
+
     spec = calico({
         "podSelector": {"matchLabels": {"app": "web"}, "matchExpressions": [
             {"key": "tier", "operator": "In", "values": ["a", "b"]},

@@ -255,7 +255,8 @@ def test_empty_namespace_selector_means_every_namespace() -> None:
 
 
 def test_converted_kubernetes_policy() -> None:
-    k8s = pytest.importorskip("datastore.k8s")
+    from datastore import k8s
+
     policy = k8s.convert_network_policy({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "from-x-a", "namespace": "y"},
