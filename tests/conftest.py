@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -45,25 +47,27 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             require_binary("ip")
 
 
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """One etcd for the whole module; tests keep to their own key prefixes or wipe it."""
+@contextmanager
+def running_etcd(workdir: Path) -> Iterator[EtcdServer]:
+    """An etcd on a free loopback port; stopped (by its pid) and removed even on failure."""
     require_binary("etcd")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server = EtcdServer(workdir)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd for the whole module; tests keep to their own key prefixes or wipe it."""
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
 
 
 @pytest.fixture
 def fresh_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     """A private etcd for a test that restarts, compacts or otherwise breaks it."""
-    require_binary("etcd")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    try:
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.stop()
