@@ -8,29 +8,21 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ctl import output
 from ctl.manifests import ManifestError, read_manifests
-from ctl.patch import PatchError, apply_labels, apply_patch
-from datastore import store as store_mod
-from datastore.config import ConfigError, load_config
-from datastore.errors import ValidationError
-from datastore.etcd import Datastore, DatastoreError
-from datastore.kinds import Kind, UnknownKind, kind_from_cli
-from datastore.selector import SelectorError
-from felix.explain import ExplainError
-from felix.scenario import ScenarioError
+from ctl.patch import apply_labels, apply_patch
+from datastore import resources
+from datastore.errors import TabbyError
+from datastore.kinds import Kind, kind_from_cli
+
+if TYPE_CHECKING:  # the store pulls in grpc; offline commands never load it
+    from datastore.store import ResourceStore
 
 T = TypeVar("T")
-
-# Every error a user can cause or meet: printed as one line, exit status 1, nothing written.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ValidationError, store_mod.StoreError, DatastoreError, ConfigError, ManifestError,
-    PatchError, UnknownKind, SelectorError, ExplainError, ScenarioError,
-)
 
 
 class Context:
@@ -38,12 +30,16 @@ class Context:
         self.config_path = config_path
 
     @asynccontextmanager
-    async def store(self) -> AsyncIterator[store_mod.ResourceStore]:
+    async def store(self) -> AsyncIterator[ResourceStore]:
+        from datastore.config import load_config
+        from datastore.etcd import Datastore
+        from datastore.store import ResourceStore
+
         config = load_config(self.config_path)
         async with Datastore(config) as ds:
-            yield store_mod.ResourceStore(ds)
+            yield ResourceStore(ds)
 
-    def run(self, fn: Callable[[store_mod.ResourceStore], Awaitable[T]]) -> T:
+    def run(self, fn: Callable[[ResourceStore], Awaitable[T]]) -> T:
         async def go() -> T:
             async with self.store() as st:
                 return await fn(st)
@@ -75,14 +71,14 @@ def _file_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _write(ctx: Context, mode: str, filename: str, recursive: bool, namespace: str,
            skip_exists: bool = False) -> None:
-    objs = store_mod.kinds_in_order(read_manifests(filename, recursive))
+    objs = resources.kinds_in_order(read_manifests(filename, recursive))
     if not objs:
         raise ManifestError(f"{filename}: no resources found")
-    store_mod.validate_all(objs, namespace)  # fail before connecting: nothing is written
+    resources.validate_all(objs, namespace)  # fail before connecting: nothing is written
     results = ctx.run(lambda st: st.write(objs, mode, skip_exists, namespace))
     for r in results:
-        kind, name, ns = store_mod.identify(r.obj)
-        click.echo(f"{r.action} {store_mod.describe(kind, name, ns)}")
+        kind, name, ns = resources.identify(r.obj)
+        click.echo(f"{r.action} {resources.describe(kind, name, ns)}")
 
 
 @cli.command()
@@ -126,8 +122,8 @@ def delete(ctx: Context, kind: str | None, names: tuple[str, ...], filename: str
     if filename:
         if kind:
             raise click.UsageError("give either -f FILE or KIND NAME, not both")
-        for obj in store_mod.validate_all(read_manifests(filename, recursive), namespace):
-            k, name, ns = store_mod.identify(obj)
+        for obj in resources.validate_all(read_manifests(filename, recursive), namespace):
+            k, name, ns = resources.identify(obj)
             targets.append((k, name, ns, None))
     else:
         if not kind or not names:
@@ -136,8 +132,8 @@ def delete(ctx: Context, kind: str | None, names: tuple[str, ...], filename: str
         targets = [(k, name, namespace if k.namespaced else None, None) for name in names]
     deleted = ctx.run(lambda st: st.delete_many(targets, skip_missing=skip_not_exists))
     for obj in deleted:
-        k, name, ns = store_mod.identify(obj)
-        click.echo(f"deleted {store_mod.describe(k, name, ns)}")
+        k, name, ns = resources.identify(obj)
+        click.echo(f"deleted {resources.describe(k, name, ns)}")
 
 
 # ---- get / patch / label --------------------------------------------------------------------
@@ -156,7 +152,7 @@ def get(ctx: Context, kind: str, names: tuple[str, ...], namespace: str | None,
     k = kind_from_cli(kind)
     ns = None if (all_namespaces and not names) else (namespace or "default")
 
-    async def fetch(st: store_mod.ResourceStore) -> list[dict[str, Any]]:
+    async def fetch(st: ResourceStore) -> list[dict[str, Any]]:
         if names:
             return [await st.get(k, n, ns if k.namespaced else None) for n in names]
         items = await st.list(k, ns if k.namespaced else None)
@@ -168,7 +164,7 @@ def get(ctx: Context, kind: str, names: tuple[str, ...], namespace: str | None,
                              all_namespaces=all_namespaces or ns is None))
 
 
-async def _modify(st: store_mod.ResourceStore, kind: Kind, name: str, namespace: str | None,
+async def _modify(st: ResourceStore, kind: Kind, name: str, namespace: str | None,
                   change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """Read, change, write back guarded by the revision read (no lost updates)."""
     current = await st.get(kind, name, namespace)
@@ -197,7 +193,7 @@ def patch(ctx: Context, kind: str, name: str, patch_text: str, patch_type: str,
         raise ManifestError(f"the patch is not valid JSON/YAML: {e}") from e
     ns = namespace if k.namespaced else None
     ctx.run(lambda st: _modify(st, k, name, ns, lambda obj: apply_patch(obj, body, patch_type)))
-    click.echo(f"patched {store_mod.describe(k, name, ns)}")
+    click.echo(f"patched {resources.describe(k, name, ns)}")
 
 
 @cli.command()
@@ -220,7 +216,7 @@ def label(ctx: Context, kind: str, name: str, labels: tuple[str, ...], overwrite
         return obj
 
     ctx.run(lambda st: _modify(st, k, name, ns, change))
-    click.echo(f"labelled {store_mod.describe(k, name, ns)}")
+    click.echo(f"labelled {resources.describe(k, name, ns)}")
 
 
 # ---- policy ---------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def explain(ctx: Context, src: str, dst: str, port: str | None, protocol: str | 
 
     flow = explain_mod.parse_flow(src, dst, port, protocol, icmp_type, icmp_code)
 
-    async def go(st: store_mod.ResourceStore) -> Any:
+    async def go(st: ResourceStore) -> Any:
         snapshot = await st.snapshot()
         explain_mod.add_pod_endpoints(snapshot, await st.list(kind_for("Pod", "v1")))
         return explain_mod.explain(snapshot, flow)
@@ -297,7 +293,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (*USER_ERRORS, OSError) as e:
+    except (TabbyError, OSError) as e:  # meant for a person: one line, exit 1
         if os.environ.get("TABBY_DEBUG"):
             raise
         click.echo(f"error: {e}", err=True)

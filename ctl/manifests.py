@@ -9,19 +9,17 @@ from typing import Any
 
 import yaml
 
+from datastore.errors import InputError
 
-class ManifestError(ValueError):
+
+class ManifestError(InputError):
     pass
 
 
 def parse_manifests(text: str, source: str = "<input>") -> list[dict[str, Any]]:
     """All objects in a text: YAML documents, a JSON object or array, or a `kind: List`."""
-    stripped = text.lstrip()
     try:
-        if stripped.startswith(("{", "[")):
-            docs: list[Any] = [json.loads(text)]
-        else:
-            docs = list(yaml.safe_load_all(text))
+        docs = _load(text)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: "
                             f"{e.msg}") from e
@@ -34,6 +32,20 @@ def parse_manifests(text: str, source: str = "<input>") -> list[dict[str, Any]]:
     for doc in docs:
         objs.extend(_flatten(doc, source))
     return objs
+
+
+def _load(text: str) -> list[Any]:
+    """JSON when it parses as JSON; otherwise YAML, which also covers JSON documents separated
+    by `---`. A text that looks like JSON and is neither reports the JSON error."""
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return [json.loads(text)]
+        except json.JSONDecodeError as json_error:
+            try:
+                return list(yaml.safe_load_all(text))
+            except yaml.YAMLError:
+                raise json_error from None
+    return list(yaml.safe_load_all(text))
 
 
 def _flatten(doc: Any, source: str) -> list[dict[str, Any]]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from datastore.errors import InputError
 
-class PatchError(ValueError):
+
+class PatchError(InputError):
     pass
 
 

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from datastore.errors import InputError
+
 DEFAULT_CONFIG_PATH = "/etc/tabby/tabbyctl.cfg"
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 DEFAULT_PORT = 2379
@@ -58,7 +60,7 @@ _NETCONF_FIELDS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """The etcd client configuration is unusable; str() is one actionable line."""
 
 

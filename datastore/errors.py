@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 
-class ValidationError(ValueError):
+class TabbyError(Exception):
+    """Any error meant for a person: front ends print str() as one line and exit non-zero."""
+
+
+class InputError(TabbyError, ValueError):
+    """Something a user gave (a file, a flag, a manifest) is wrong; str() says what and where.
+    Front ends print it as one line; every module's input errors derive from it."""
+
+
+class ValidationError(InputError):
     """An object was rejected. Each problem names the field path and the reason.
 
     str() is one line a person can act on, e.g.

@@ -32,6 +32,7 @@ import grpc
 from aetcd import rpc
 
 from datastore.config import ConfigError, Endpoint, EtcdConfig, parse_endpoint
+from datastore.errors import TabbyError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ _CONNECTION_CODES = (
 # -- errors ------------------------------------------------------------------------------------
 
 
-class DatastoreError(Exception):
+class DatastoreError(TabbyError):
     """Base of every datastore failure; str() is one clear line."""
 
 

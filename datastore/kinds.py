@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from datastore.errors import InputError
+
 CALICO_API = "projectcalico.org/v3"
 CALICO_PREFIX = "/calico/resources/v3/projectcalico.org/"
 K8S_PREFIX = "/tabby/k8s/"
@@ -88,7 +90,7 @@ K8S_KINDS: tuple[Kind, ...] = (
 ALL_KINDS: tuple[Kind, ...] = CALICO_KINDS + K8S_KINDS
 
 
-class UnknownKind(ValueError):
+class UnknownKind(InputError):
     pass
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
+from datastore.errors import InputError
+
 __all__ = ["MAX_LABEL_LENGTH", "MAX_NESTING", "Selector", "SelectorError", "matches", "parse"]
 
 MAX_LABEL_LENGTH = 512
@@ -44,7 +46,7 @@ _WS = " \t"
 _IDENT = re.compile(r"[A-Za-z0-9_./-]+")
 
 
-class SelectorError(ValueError):
+class SelectorError(InputError):
     """A selector string did not parse; `position` is a 0-based index into `text`."""
 
     def __init__(self, text: str, position: int, reason: str) -> None:

@@ -18,8 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from datastore import etcd, k8s, validation
-from datastore.errors import ValidationError
-from datastore.kinds import ALL_KINDS, CALICO_PREFIX, Kind, UnknownKind, kind_for, kind_for_key
+from datastore.errors import TabbyError
+from datastore.kinds import CALICO_PREFIX, Kind, kind_for, kind_for_key
+from datastore.resources import (
+    describe,
+    encode,
+    identify,
+    validate_all,
+    validate_any,
+)
 from datastore.snapshot import Resource, Snapshot
 
 # Synthesised on every read of profiles, never stored (as Calico's etcd backend does).
@@ -34,7 +41,7 @@ APPLY_RETRIES = 5
 MAX_TXN_OPS = 120
 
 
-class StoreError(Exception):
+class StoreError(TabbyError):
     """A resource operation failed; str() is one line a person can act on."""
 
 
@@ -48,36 +55,6 @@ class AlreadyExistsError(StoreError):
 
 class ConflictError(StoreError):
     pass
-
-
-def describe(kind: Kind, name: str, namespace: str | None) -> str:
-    return f"{kind.name} {namespace}/{name}" if kind.namespaced else f"{kind.name} {name}"
-
-
-def identify(obj: Resource) -> tuple[Kind, str, str | None]:
-    """(kind, name, namespace) of a validated object."""
-    kind = kind_for(obj["kind"], obj.get("apiVersion"))
-    meta = obj.get("metadata", {})
-    return kind, meta["name"], meta.get("namespace") if kind.namespaced else None
-
-
-def validate_any(obj: Any, default_namespace: str = "default") -> Resource:
-    """Validate and default a manifest of any kind Tabby knows; raises ValidationError."""
-    if not isinstance(obj, dict):
-        raise ValidationError([("", "a resource must be a mapping (kind, apiVersion, metadata)")])
-    if not obj.get("kind") or not obj.get("apiVersion"):
-        raise ValidationError([("kind" if not obj.get("kind") else "apiVersion", "is required")])
-    kind = kind_for(str(obj["kind"]), str(obj["apiVersion"]))
-    if kind.is_calico:
-        return validation.validate(obj, default_namespace=default_namespace)
-    return k8s.validate_k8s(obj, default_namespace=default_namespace)
-
-
-def encode(obj: Resource) -> bytes:
-    """Stored form: compact JSON, no resourceVersion (it is the key's mod revision)."""
-    stored = copy.deepcopy(obj)
-    stored.get("metadata", {}).pop("resourceVersion", None)
-    return json.dumps(stored, separators=(",", ":")).encode()
 
 
 def decode(kv: etcd.KV) -> Resource:
@@ -352,34 +329,3 @@ def _dedupe(ops: list[etcd.Op]) -> list[etcd.Op]:
     for op in ops:
         seen.setdefault(op.key, op)
     return list(seen.values())
-
-
-def validate_all(objs: Sequence[Any], default_namespace: str = "default") -> list[Resource]:
-    """Validate every manifest; one ValidationError naming each bad document, or the list."""
-    valid: list[Resource] = []
-    problems: list[tuple[str, str]] = []
-    seen: dict[str, int] = {}
-    for i, obj in enumerate(objs):
-        where = f"document {i + 1}" if len(objs) > 1 else ""
-        try:
-            v = validate_any(obj, default_namespace)
-        except (ValidationError, UnknownKind) as e:
-            problems.append((where, str(e)))
-            continue
-        kind, name, ns = identify(v)
-        key = kind.key(name, ns)
-        if key in seen:
-            problems.append((where, f"{describe(kind, name, ns)} is also document {seen[key]}"))
-        seen[key] = i + 1
-        valid.append(v)
-    if problems:
-        raise ValidationError(problems)
-    return valid
-
-
-def kinds_in_order(objs: Sequence[Resource]) -> list[Resource]:
-    """Order manifests so that what others refer to is written first (tiers before policies,
-    namespaces before pods), as `kubectl apply` users expect a multi-document file to work."""
-    rank = {k.name: i for i, k in enumerate(ALL_KINDS)}
-    first = {"Tier": -3, "Namespace": -2, "ServiceAccount": -1}
-    return sorted(objs, key=lambda o: first.get(o.get("kind", ""), rank.get(o.get("kind", ""), 99)))

@@ -7,15 +7,16 @@ from dataclasses import asdict
 from typing import Any
 
 from datastore import k8s
+from datastore.errors import InputError
+from datastore.resources import validate_any
 from datastore.snapshot import Resource, Snapshot
-from datastore.store import validate_any
 from felix.calc import EndpointRef, PolicyIndex
 from felix.simulate import Flow, Verdict, simulate
 
 PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
-class ExplainError(ValueError):
+class ExplainError(InputError):
     pass
 
 

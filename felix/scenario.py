@@ -27,10 +27,10 @@ from typing import Any
 import yaml
 
 from datastore import k8s
-from datastore.errors import ValidationError
+from datastore.errors import InputError, ValidationError
 from datastore.kinds import kind_for
+from datastore.resources import identify, validate_any
 from datastore.snapshot import Resource, Snapshot
-from datastore.store import identify, validate_any
 from felix.calc import PolicyIndex
 from felix.simulate import EndpointRef, Flow, Verdict, simulate
 
@@ -43,7 +43,7 @@ PROBE_KEYS = {"port", "protocol", "icmp", "expect", "hosts", "name"}
 POD_KEYS = {"labels", "ip", "serviceAccount", "ports", "node"}
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     pass
 
 
