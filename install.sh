@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv)
+PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv containernetworking-plugins)
 
 say() { echo "install.sh: $*"; }
 
