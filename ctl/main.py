@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ctl import output
+from ctl.ipam_cmd import ipam, release_removed_nodes
 from ctl.manifests import ManifestError, read_manifests
 from ctl.patch import apply_labels, apply_patch
 from datastore import resources
@@ -134,6 +135,11 @@ def delete(ctx: Context, kind: str | None, names: tuple[str, ...], filename: str
     for obj in deleted:
         k, name, ns = resources.identify(obj)
         click.echo(f"deleted {resources.describe(k, name, ns)}")
+    # a deleted node's blocks, affinities and tunnel addresses go with it (Calico's node GC)
+    nodes = [name for k, name, _ in map(resources.identify, deleted) if k.name == "Node"]
+    if nodes:
+        for line in ctx.run(lambda st: release_removed_nodes(st.ds, nodes)):
+            click.echo(line)
 
 
 # ---- get / patch / label --------------------------------------------------------------------
@@ -274,6 +280,9 @@ def explain(ctx: Context, src: str, dst: str, port: str | None, protocol: str | 
         click.echo(json.dumps(explain_mod.verdict_json(flow, verdict), indent=2))
     else:
         click.echo(explain_mod.format_verdict(flow, verdict))
+
+
+cli.add_command(ipam)
 
 
 @cli.command()

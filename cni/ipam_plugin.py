@@ -1,0 +1,636 @@
+"""tabby-ipam: a CNI IPAM plugin over Tabby's etcd IPAM, a drop-in for calico-ipam.
+
+It reads calico-ipam's netconf fields (`etcd_endpoints`, `etcd_*_file`, `nodename`,
+`nodename_file`, `ipam: {assign_ipv4, assign_ipv6, ipv4_pools, ipv6_pools}`, `ipam_lock_file`,
+`log_level`, `log_file_path`) and behaves as calico-ipam does:
+
+- ADD allocates under the handle `<network name>.<CNI_CONTAINERID>` with the attributes node,
+  timestamp and (for Kubernetes pods) pod and namespace, and prints the addresses with their
+  block's prefix length (10.244.1.5/26). A requested address (runtimeConfig `ips`, args
+  `cni.ips`, or CNI_ARGS `IP=`, in that order of precedence) is assigned as asked and printed
+  as /32 or /128, as calico-ipam does.
+- DEL releases by that handle and by the legacy `<namespace>.<pod>` one; an unknown handle is
+  success, so repeated DELs are safe.
+- CHECK fails when the handle no longer holds an address of prevResult.
+- GC (CNI 1.1) releases this network's handles on this node whose container is not among the
+  valid attachments; STATUS says whether etcd answers and an enabled pool exists.
+
+Two optional fields calico-ipam does not have make the plugin usable under main plugins that,
+like `ptp` and `bridge`, configure what the IPAM result says: `ipam.gateway` (an address, or a
+list with one per family) is set as each address's gateway, and `ipam.routes` (host-local's
+`[{"dst": ..., "gw": ...}]`) is copied into the result. Without them the result is exactly
+calico-ipam's: addresses only.
+
+Unlike calico-ipam, the pod annotation `cni.projectcalico.org/ipv4pools` is not read: an IPAM
+plugin has no API server to ask; pools come from the netconf or from the pools' selectors.
+
+Every failure is a CNI error on stdout with a message saying what to do. Imports of the etcd
+client and the allocator are deferred until a command needs them, so VERSION stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections import namedtuple
+
+from cni import spec
+from cni.spec import CNIError
+
+# VERSION probes come before every ADD and DEL (podman): asyncio, dataclasses and typing would
+# triple their cost, so they are imported only where needed or not at all
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Iterable, Iterator, Mapping
+    from typing import IO, Any
+
+    from datastore.etcd import Datastore
+    from ipam.allocator import IPAM
+
+ABOUT = "tabby-ipam: Calico-compatible CNI IPAM over etcd"
+NODENAME_FILE = "/var/lib/calico/nodename"
+LOCK_FILE = "/var/run/calico/ipam.lock"  # calico-ipam's default: the two never race on a node
+LOCK_WAIT = 30.0  # the host lock is an optimisation; past this we go on without it
+DEADLINE = 60.0  # bound on one whole request against etcd
+ROLLBACK_TIMEOUT = 5.0
+POOLS_PREFIX = "/calico/resources/v3/projectcalico.org/ippools/"
+KNOWN_ARGS = (*spec.K8S_ARGS, "IP")
+_LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "fatal": 50,
+               "panic": 50}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# -- the netconf (pure) -------------------------------------------------------------------------
+
+
+
+
+class PluginConf(namedtuple("PluginConf", [
+    "network", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "gateways", "routes",
+    "nodename", "nodename_file", "hostname", "log_level", "log_file_path", "lock_file",
+])):
+    """The netconf fields tabby-ipam uses; `gateways` and `routes` are Tabby's extension,
+    `hostname` calico's deprecated fallback after the nodename file."""
+
+    __slots__ = ()
+    network: str
+    assign_ipv4: bool
+    assign_ipv6: bool
+    ipv4_pools: tuple[str, ...]
+    ipv6_pools: tuple[str, ...]
+    gateways: tuple[str, ...]  # at most one per family
+    routes: tuple[dict[str, str], ...]
+    nodename: str
+    nodename_file: str
+    hostname: str
+    log_level: int
+    log_file_path: str
+    lock_file: str
+
+
+def parse_conf(config: Mapping[str, Any]) -> PluginConf:
+    """calico-ipam's fields from the netconf; code 7 naming the field for anything malformed."""
+    ipam = config.get("ipam", {})
+    if not isinstance(ipam, dict):
+        raise _bad("ipam", "must be an object")
+    level = _text(config, "log_level").lower()
+    conf = PluginConf(
+        network=str(config["name"]),
+        assign_ipv4=_flag(ipam, "assign_ipv4", True),
+        assign_ipv6=_flag(ipam, "assign_ipv6", False),
+        ipv4_pools=_pools(ipam, "ipv4_pools", 4),
+        ipv6_pools=_pools(ipam, "ipv6_pools", 6),
+        gateways=_gateways(ipam.get("gateway")),
+        routes=_routes(ipam.get("routes")),
+        nodename=_text(config, "nodename").strip(),
+        nodename_file=_text(config, "nodename_file") or NODENAME_FILE,
+        hostname=_text(config, "hostname").strip(),
+        log_level=_LOG_LEVELS.get(level, 20),  # calico-ipam logs at info unless told otherwise
+        log_file_path=_text(config, "log_file_path"),
+        lock_file=_text(config, "ipam_lock_file") or LOCK_FILE,
+    )
+    return conf
+
+
+def _bad(path: str, problem: str, hint: str = "") -> CNIError:
+    return CNIError(spec.INVALID_CONFIG, f"invalid network config: {path} {problem}", hint)
+
+
+def _text(section: Mapping[str, Any], key: str) -> str:
+    value = section.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _bad(key, f"must be a string, not {json.dumps(value)}")
+    return value
+
+
+def _flag(ipam: Mapping[str, Any], key: str, default: bool) -> bool:
+    """calico-ipam's flags are the strings "true"/"false"; JSON booleans are accepted too."""
+    value = ipam.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad(f"ipam.{key}", f"is {json.dumps(value)}", 'use "true" or "false"')
+
+
+def _pools(ipam: Mapping[str, Any], key: str, family: int) -> tuple[str, ...]:
+    """Pool names or CIDRs; a CIDR of the other family is an error, as in calico-ipam."""
+    value = ipam.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise _bad(f"ipam.{key}", "must be a list of IP pool names or CIDRs")
+    for pool in value:
+        try:
+            net = ipaddress.ip_network(pool, strict=False)
+        except ValueError:
+            continue  # a pool name; the allocator resolves it
+        if net.version != family:
+            raise _bad(f"ipam.{key}", f"lists {pool}, which is not an IPv{family} CIDR")
+    return tuple(value)
+
+
+def _gateways(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else (value or [])
+    if not isinstance(items, list):
+        raise _bad("ipam.gateway", "must be an address or a list of addresses")
+    families: dict[int, str] = {}
+    for item in items:
+        try:
+            ip = ipaddress.ip_address(item)
+        except ValueError:
+            raise _bad("ipam.gateway", f"has {json.dumps(item)}, not an IP address") from None
+        if ip.version in families:
+            raise _bad("ipam.gateway", f"has two IPv{ip.version} addresses; give one per family")
+        families[ip.version] = str(ip)
+    return tuple(families.values())
+
+
+def _routes(value: Any) -> tuple[dict[str, str], ...]:
+    hint = 'e.g. [{"dst": "0.0.0.0/0"}]'
+    if not isinstance(value, list | None):
+        raise _bad("ipam.routes", "must be a list of routes", hint)
+    out = []
+    for i, route in enumerate(value or []):
+        if not isinstance(route, dict) or set(route) - {"dst", "gw"}:
+            raise _bad(f"ipam.routes[{i}]", "must be an object with dst and optionally gw", hint)
+        try:
+            ipaddress.ip_network(route.get("dst"), strict=False)
+            if "gw" in route:
+                ipaddress.ip_address(route["gw"])
+        except (TypeError, ValueError):
+            raise _bad(f"ipam.routes[{i}]", f"is {json.dumps(route)}: dst must be a CIDR and "
+                       "gw an address", hint) from None
+        out.append(dict(route))
+    return tuple(out)
+
+
+def requested_ips(config: Mapping[str, Any], args: spec.CniArgs) -> tuple[IPAddress, ...]:
+    """The addresses the runtime asks for, at most one per family.
+
+    runtimeConfig `ips` wins over args `cni.ips`, which wins over CNI_ARGS `IP=`
+    (CONVENTIONS.md: a plugin that understands `args` ignores the CNI_ARGS equivalent).
+    """
+    runtime = config.get("runtimeConfig") or {}
+    extra = config.get("args") or {}
+    cni_args = extra.get("cni") if isinstance(extra, dict) else None
+    sources: list[tuple[str, Any, int]] = [
+        ("runtimeConfig.ips", runtime.get("ips") if isinstance(runtime, dict) else None,
+         spec.INVALID_CONFIG),
+        ("args.cni.ips", cni_args.get("ips") if isinstance(cni_args, dict) else None,
+         spec.INVALID_CONFIG),
+        ("CNI_ARGS IP", list(args.ips), spec.INVALID_ENVIRONMENT),
+    ]
+    for source, value, code in sources:
+        if value:
+            return _parse_ips(source, value, code)
+    return ()
+
+
+def _parse_ips(source: str, value: Any, code: int) -> tuple[IPAddress, ...]:
+    if not isinstance(value, list):
+        raise CNIError(code, f"{source} must be a list of addresses")
+    out: dict[int, IPAddress] = {}
+    for text in value:
+        try:
+            ip = ipaddress.ip_interface(text).ip if isinstance(text, str) else None
+        except ValueError:
+            ip = None
+        if ip is None:
+            raise CNIError(code, f"{source}: {text!r} is not an IP address",
+                           "give addresses as ip or ip/prefix, e.g. 10.244.0.5")
+        if ip.version in out and out[ip.version] != ip:
+            raise CNIError(code, f"{source} asks for two IPv{ip.version} addresses",
+                           "a workload gets at most one address per family")
+        out[ip.version] = ip
+    return tuple(out[v] for v in sorted(out))
+
+
+# -- identities and results (pure) ------------------------------------------------------------
+
+
+def handle_id(network: str, container_id: str) -> str:
+    return f"{network}.{container_id}"
+
+
+def legacy_handle(args: spec.CniArgs, container_id: str) -> str:
+    """The workload ID Calico v2 used as handle: `<ns>.<pod>` for pods, else the container ID."""
+    return f"{args.pod_namespace}.{args.pod_name}" if args.is_k8s else container_id
+
+
+def go_timestamp(ns: int) -> str:
+    """Go's `time.Now().UTC().String()`, the timestamp format calico-ipam stores."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    base = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs))
+    fraction = f".{frac:09d}".rstrip("0") if frac else ""
+    return f"{base}{fraction} +0000 UTC"
+
+
+def allocation_attrs(node: str, args: spec.CniArgs, now_ns: int) -> dict[str, str]:
+    attrs = {"node": node, "timestamp": go_timestamp(now_ns)}
+    if args.is_k8s:
+        attrs["pod"] = args.pod_name
+        attrs["namespace"] = args.pod_namespace
+    return attrs
+
+
+def ipam_result(addresses: Iterable[str], version: str, gateways: Iterable[str] = (),
+                routes: Iterable[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """An IPAM result: ips without `interface`, no interfaces (SPEC.md section 5)."""
+    by_family = {ipaddress.ip_address(g).version: g for g in gateways}
+    ips = []
+    for a in addresses:
+        gateway = by_family.get(ipaddress.ip_interface(a).version)
+        ips.append({"address": a, **({"gateway": gateway} if gateway else {})})
+    result = {"cniVersion": spec.CURRENT_VERSION, "ips": ips, "routes": [dict(r) for r in routes]}
+    return spec.convert_result(result, version)
+
+
+def error_for(exc: BaseException, etcd: str = "") -> CNIError:
+    """The CNI error a person sees for a failure, with what to do about it."""
+    if isinstance(exc, CNIError):
+        return exc
+    from datastore.config import ConfigError
+    from ipam import errors
+
+    text = str(exc)
+    where = f" ({etcd})" if etcd else ""
+    table: list[tuple[type[BaseException], int, str]] = [
+        (errors.PoolExhausted, spec.POOL_EXHAUSTED,
+         "add an IPPool or enlarge one, or find leaked addresses with `tabbyctl ipam check` "
+         "and free them with `tabbyctl ipam release`"),
+        (errors.NoMatchingPool, spec.NO_MATCHING_POOL,
+         "create an enabled IPPool of this address family whose nodeSelector matches this node, "
+         "or fix ipv4_pools/ipv6_pools in the CNI network config"),
+        (errors.AddressInUse, spec.ADDRESS_IN_USE,
+         "the address asked for (CNI_ARGS IP= or runtimeConfig ips) belongs to another "
+         "workload; ask for a free address or for none"),
+        (errors.NotInPool, spec.NOT_IN_POOL,
+         "ask for an address inside an enabled IPPool, or create a pool that contains it"),
+        (errors.InvalidRequest, spec.INVALID_CONFIG, "fix the request or the IPAM config"),
+        (errors.IPAMError, spec.TRY_AGAIN_LATER, "the runtime will retry"),
+        (ConfigError, spec.INVALID_CONFIG, "fix the etcd_* fields of the CNI network config"),
+    ]
+    if "datastore.etcd" in sys.modules:  # only a loaded client can have failed
+        from datastore.etcd import DatastoreError, Unavailable
+
+        table[-1:-1] = [
+            (Unavailable, spec.TRY_AGAIN_LATER,
+             f"check that etcd is running and that etcd_endpoints in the CNI network config"
+             f"{where} points at it; the runtime will retry"),
+            (DatastoreError, spec.TRY_AGAIN_LATER, f"etcd{where} failed; the runtime will retry"),
+        ]
+    for kind, code, hint in table:
+        if isinstance(exc, kind):
+            return CNIError(code, text, hint)
+    if isinstance(exc, TimeoutError):
+        return CNIError(spec.TRY_AGAIN_LATER, f"etcd{where} did not finish the request within "
+                        f"{DEADLINE:.0f} s", "etcd is overloaded or unreachable; the runtime "
+                        "will retry")
+    return CNIError(spec.INTERNAL, f"internal error: {type(exc).__name__}: {exc}",
+                    "this is a bug in tabby-ipam; the log (log_file_path) has the traceback")
+
+
+# -- host environment (I/O) ---------------------------------------------------------------------
+
+
+def determine_nodename(conf: PluginConf) -> str:
+    """calico-ipam's order: nodename, the nodename file, the deprecated hostname, the OS's."""
+    import socket
+
+    if conf.nodename:
+        return conf.nodename
+    with contextlib.suppress(OSError):
+        with open(conf.nodename_file, encoding="utf-8") as f:
+            name = f.read().strip()
+        if name:
+            return name
+    return conf.hostname or socket.gethostname()
+
+
+@contextlib.contextmanager
+def host_lock(path: str, log: logging.Logger, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """calico-ipam's best-effort host-wide flock: fewer CAS conflicts between local execs.
+
+    Correctness never depends on it (every write is a CAS), so any problem means going on
+    without it.
+    """
+    import fcntl
+
+    fd = None
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("IPAM lock %s still held after %.0f s; going on without it",
+                                path, wait)
+                    break
+                time.sleep(0.005)
+    except OSError as e:
+        log.warning("cannot take the IPAM lock %s (%s); going on without it", path, e.strerror)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
+
+
+def setup_logging(conf: PluginConf, container_id: str) -> logging.Logger:
+    """Logs go to stderr (the runtime keeps them) and to log_file_path when set."""
+    import logging
+
+    log = logging.getLogger("tabby-ipam")
+    log.setLevel(conf.log_level)
+    log.propagate = False
+    for old in list(log.handlers):  # a second request in one process (tests) starts afresh
+        log.removeHandler(old)
+        old.close()
+    fmt = logging.Formatter(
+        f"%(asctime)s [%(levelname)s][%(process)d] tabby-ipam {container_id[:12] or '-'}: "
+        "%(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if conf.log_file_path:
+        try:
+            os.makedirs(os.path.dirname(conf.log_file_path) or ".", exist_ok=True)
+            handlers.append(logging.FileHandler(conf.log_file_path))
+        except OSError as e:
+            print(f"tabby-ipam: cannot write the log file {conf.log_file_path}: {e.strerror}",
+                  file=sys.stderr)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+# -- commands (I/O) -----------------------------------------------------------------------------
+
+
+class Context:
+    """What every command needs: the request, the netconf, the node name and the log."""
+
+    def __init__(self, req: spec.Request, conf: PluginConf, node: str,
+                 log: logging.Logger) -> None:
+        self.req = req
+        self.conf = conf
+        self.node = node
+        self.log = log
+
+    @property
+    def handle(self) -> str:
+        return handle_id(self.conf.network, self.req.container_id)
+
+
+async def cmd_add(ctx: Context, ipam: IPAM) -> dict[str, Any]:
+    from ipam.allocator import AssignRequest
+
+    req, conf, log = ctx.req, ctx.conf, ctx.log
+    wanted = requested_ips(req.config, req.args)
+    attrs = allocation_attrs(ctx.node, req.args, time.time_ns())
+    with host_lock(conf.lock_file, log):
+        if wanted:
+            addresses = await _assign_requested(ctx, ipam, wanted, attrs)
+        else:
+            if not (conf.assign_ipv4 or conf.assign_ipv6):
+                raise _bad("ipam", "assigns nothing: assign_ipv4 and assign_ipv6 are both false")
+            log.info("auto-assigning IPv4=%d IPv6=%d for handle %s on node %s",
+                     conf.assign_ipv4, conf.assign_ipv6, ctx.handle, ctx.node)
+            got = await ipam.auto_assign(AssignRequest(
+                handle_id=ctx.handle,
+                hostname=ctx.node,
+                num_v4=int(conf.assign_ipv4),
+                num_v6=int(conf.assign_ipv6),
+                attrs=attrs,
+                ipv4_pools=conf.ipv4_pools,
+                ipv6_pools=conf.ipv6_pools,
+                namespace=req.args.pod_namespace if req.args.is_k8s else None,
+            ))
+            addresses = [str(a) for a in [*got.ipv4, *got.ipv6]]  # block-masked, as calico-ipam
+    log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
+    return ipam_result(addresses, req.version, conf.gateways, conf.routes)
+
+
+async def _assign_requested(ctx: Context, ipam: IPAM, wanted: Iterable[IPAddress],
+                            attrs: Mapping[str, str]) -> list[str]:
+    """Each requested address; if a later one fails the earlier ones are given back."""
+    import asyncio
+
+    done: list[IPAddress] = []
+    try:
+        for ip in wanted:
+            ctx.log.info("assigning requested address %s to handle %s", ip, ctx.handle)
+            await ipam.assign_ip(str(ip), ctx.handle, ctx.node, attrs)
+            done.append(ip)
+    except BaseException:
+        if done:
+            try:
+                await asyncio.wait_for(ipam.release_ips([str(ip) for ip in done]),
+                                       ROLLBACK_TIMEOUT)
+                ctx.log.info("released %s after the failure", ", ".join(map(str, done)))
+            except Exception as e:  # the runtime's DEL releases the handle anyway
+                ctx.log.error("could not release %s: %s", ", ".join(map(str, done)), e)
+        raise
+    return [f"{ip}/{ip.max_prefixlen}" for ip in done]  # calico-ipam prints requested ones so
+
+
+async def cmd_del(ctx: Context, ipam: IPAM) -> None:
+    handles = [ctx.handle]
+    legacy = legacy_handle(ctx.req.args, ctx.req.container_id)
+    if legacy not in handles:
+        handles.append(legacy)
+    with host_lock(ctx.conf.lock_file, ctx.log):
+        for handle in handles:
+            released = await ipam.release_by_handle(handle)
+            if released:
+                ctx.log.info("released %s (handle %s)", ", ".join(released), handle)
+            else:
+                ctx.log.info("nothing allocated to handle %s; nothing to release", handle)
+
+
+async def cmd_check(ctx: Context, ipam: IPAM) -> None:
+    prev = ctx.req.prev_result
+    if prev is None:
+        raise CNIError(spec.INVALID_CONFIG, "CHECK needs prevResult",
+                       "the runtime must pass the ADD result as prevResult")
+    want = {ipaddress.ip_interface(ip["address"]).ip for ip in prev["ips"]}
+    held = {ipaddress.ip_interface(ip).ip for ip in await ipam.ips_by_handle(ctx.handle)}
+    missing = sorted(map(str, want - held))
+    if missing or not held:
+        what = ", ".join(missing) if missing else "any address"
+        raise CNIError(spec.ALLOCATION_MISSING,
+                       f"handle {ctx.handle} no longer holds {what}",
+                       "the allocation was released (by tabbyctl ipam release or gc?); "
+                       "recreate the pod to get a new address")
+
+
+async def cmd_gc(ctx: Context, ds: Datastore, ipam: IPAM) -> None:
+    """Release this network's handles on this node whose attachment is no longer valid."""
+    from ipam.state import read_state
+
+    valid = {cid for cid, _ in ctx.req.valid_attachments}
+    prefix = f"{ctx.conf.network}."
+    state = await read_state(ds)
+    stale: set[str] = set()
+    for block, _rev in state.blocks.values():
+        for _ip, attr in block.allocated():
+            handle = attr.handle_id or ""
+            if (handle.startswith(prefix) and attr.secondary.get("node") == ctx.node
+                    and handle[len(prefix):] not in valid):
+                stale.add(handle)
+    failures = []
+    for handle in sorted(stale):
+        try:
+            released = await ipam.release_by_handle(handle)
+            ctx.log.info("GC released %s (handle %s)", ", ".join(released), handle)
+        except Exception as e:  # keep going: the spec asks GC to free as much as it can
+            failures.append(f"{handle}: {e}")
+    if failures:
+        raise CNIError(spec.TRY_AGAIN_LATER, f"GC could not release {len(failures)} handles",
+                       "; ".join(failures))
+
+
+async def cmd_status(ds: Datastore) -> None:
+    kvs, _ = await ds.list(POOLS_PREFIX)
+    for kv in kvs:
+        with contextlib.suppress(ValueError):
+            if not json.loads(kv.value).get("spec", {}).get("disabled", False):
+                return
+    raise CNIError(spec.NOT_AVAILABLE, "no enabled IP pool: tabby-ipam cannot assign addresses",
+                   "create an IPPool with `tabbyctl apply -f pool.yaml`")
+
+
+async def run(ctx: Context) -> dict[str, Any] | None:
+    """Connect to etcd and run one command, within DEADLINE."""
+    from datastore.config import config_from_netconf
+
+    config = config_from_netconf(ctx.req.config)  # a bad setting fails before the heavy imports
+
+    import asyncio
+
+    from datastore.etcd import Datastore
+    from ipam.allocator import IPAM
+
+    async def go() -> dict[str, Any] | None:
+        async with Datastore(config) as ds:
+            ipam = IPAM(ds)
+            command = ctx.req.command
+            if command == spec.ADD:
+                return await cmd_add(ctx, ipam)
+            if command == spec.DEL:
+                await cmd_del(ctx, ipam)
+            elif command == spec.CHECK:
+                await cmd_check(ctx, ipam)
+            elif command == spec.GC:
+                await cmd_gc(ctx, ds, ipam)
+            elif command == spec.STATUS:
+                await cmd_status(ds)
+            return None
+
+    try:
+        return await asyncio.wait_for(go(), DEADLINE)
+    except Exception as e:
+        err = error_for(e, ", ".join(config.endpoints))
+        if ctx.req.command == spec.STATUS and err.code == spec.TRY_AGAIN_LATER:
+            err = CNIError(spec.NOT_AVAILABLE, err.msg, err.details)  # STATUS's own codes
+        raise err from e
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def handle_request(environ: Mapping[str, str], stdin: IO[bytes],
+                   stdout: IO[str]) -> int:
+    """One exec of the plugin: parse, run, print the result or the error; the exit code."""
+    version = spec.CURRENT_VERSION
+    log = None
+    try:
+        data = _read_stdin(environ, stdin)
+        version = _peek_version(data)
+        req = spec.read_request(environ, data)
+        if req.command == spec.VERSION:
+            _emit(stdout, spec.version_result(req.version))
+            return 0
+        req.args.require_known(KNOWN_ARGS)
+        conf = parse_conf(req.config)
+        log = setup_logging(conf, req.container_id)
+        ctx = Context(req, conf, determine_nodename(conf), log)
+        log.debug("%s container=%s netns=%s args=%s", req.command, req.container_id,
+                  req.netns, dict(req.args.pairs))
+        import asyncio
+
+        result = asyncio.run(run(ctx))
+        if result is not None:
+            _emit(stdout, result)
+        return 0
+    except Exception as e:
+        err = error_for(e)
+        if log is not None:
+            log.error("%s", err, exc_info=err.code == spec.INTERNAL)
+        elif err.code == spec.INVALID_ENVIRONMENT and not environ.get("CNI_COMMAND"):
+            print(f"{ABOUT}\nCNI protocol versions supported: "
+                  f"{', '.join(spec.SUPPORTED_VERSIONS)}", file=sys.stderr)
+        _emit(stdout, err.to_json(version))
+        return 1
+
+
+def _read_stdin(environ: Mapping[str, str], stdin: IO[bytes]) -> bytes:
+    if environ.get("CNI_COMMAND") == spec.VERSION and stdin.isatty():
+        return b""  # a person typing the probe: nothing will come
+    try:
+        return stdin.read()
+    except OSError as e:
+        raise CNIError(spec.IO_FAILURE, f"error reading the network config from stdin: {e}",
+                       "the runtime must write the config to the plugin's stdin") from None
+
+
+def _peek_version(data: bytes) -> str:
+    """The config's cniVersion for error output, when there is a usable one."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        version = json.loads(data).get("cniVersion")
+        if version in spec.SUPPORTED_VERSIONS:
+            return version
+    return spec.CURRENT_VERSION
+
+
+def _emit(stdout: IO[str], obj: Mapping[str, Any]) -> None:
+    stdout.write(json.dumps(obj, indent=4) + "\n")
+    stdout.flush()
+
+
+def main() -> None:
+    sys.exit(handle_request(os.environ, sys.stdin.buffer, sys.stdout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The IPAM allocator against a real etcd: concurrency across processes, exhaustion, strict
+affinity and borrowing, Calico's key layout, dual stack, specific addresses, reservations,
+sequence numbers, node removal and reclaiming empty blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from datastore.etcd import Datastore, Put
+from datastore.kinds import kind_for
+from datastore.validation import validate
+from ipam import keys
+from ipam.allocator import IPAM, AssignRequest
+from ipam.errors import (
+    AddressInUse,
+    InvalidRequest,
+    NoMatchingPool,
+    NotInPool,
+    PoolExhausted,
+    StaleSequenceNumber,
+)
+from ipam.records import IPAMConfig
+from ipam.state import IPAMState, read_state
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.etcd
+T = TypeVar("T")
+WORKER = Path(__file__).resolve().parents[1] / "ipam_worker.py"
+STRICT = IPAMConfig(strict_affinity=True)
+
+
+@pytest.fixture
+def server(etcd_server: EtcdServer) -> Iterator[EtcdServer]:
+    """The module's etcd, emptied of everything Calico before each test."""
+    async def wipe(ds: Datastore) -> None:
+        kvs, _ = await ds.list("/calico/")
+        await asyncio.gather(*(ds.delete(kv.key) for kv in kvs))
+    run(etcd_server, wipe)
+    yield etcd_server
+
+
+def run(server: EtcdServer, fn: Callable[[Datastore], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with Datastore(server.config()) as ds:
+            return await asyncio.wait_for(fn(ds), 60)  # a hang is a failure, not a stuck suite
+    return asyncio.run(go())
+
+
+async def put(ds: Datastore, kind: str, name: str, spec: dict[str, Any],
+              labels: dict[str, str] | None = None) -> None:
+    meta: dict[str, Any] = {"name": name, **({"labels": labels} if labels else {})}
+    obj = validate({"apiVersion": "projectcalico.org/v3", "kind": kind, "metadata": meta,
+                    "spec": spec})
+    await ds.commit([Put(kind_for(kind).key(name), json.dumps(obj).encode())])
+
+
+async def add_pool(ds: Datastore, name: str, cidr: str, block_size: int, **spec: Any) -> None:
+    await put(ds, "IPPool", name, {"cidr": cidr, "blockSize": block_size, **spec})
+
+
+def req(handle: str, node: str = "node-a", **kw: Any) -> AssignRequest:
+    return AssignRequest(handle_id=handle, hostname=node, attrs={"node": node}, **kw)
+
+
+def check_consistent(state: IPAMState) -> None:
+    """Every block covers its ordinals exactly once and every handle matches the blocks."""
+    held: dict[str, dict[str, int]] = {}
+    for cidr, (block, _) in state.blocks.items():
+        used = [o for o, a in enumerate(block.allocations) if a is not None]
+        assert sorted(used + block.unallocated) == list(range(len(block.allocations))), cidr
+        for _, attr in block.allocated():
+            if attr.handle:
+                held.setdefault(attr.handle, {}).setdefault(cidr, 0)
+                held[attr.handle][cidr] += 1
+    assert {h: handle.block for h, (handle, _) in state.handles.items()} == held
+
+
+# -- 1. three nodes in three processes ---------------------------------------------------------
+
+
+def test_three_processes_never_hand_out_an_address_twice(server: EtcdServer) -> None:
+    run(server, lambda ds: add_pool(ds, "pool", "10.244.0.0/20", 26))
+    per_node = 110
+    procs = [subprocess.Popen([sys.executable, str(WORKER), server.endpoint, f"node-{n}",
+                               str(per_node), "3"], stdout=subprocess.PIPE, text=True)
+             for n in range(3)]
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        outs.append(json.loads(out))
+    handed = [ip for out in outs for ip in out["ips"].values()]
+    assert len(handed) == 3 * per_node
+    assert len(set(handed)) == len(handed), "an address was handed out twice"
+
+    state = run(server, read_state)
+    check_consistent(state)
+    by_handle = {h: ip for out in outs for h, ip in out["ips"].items()}
+    assert set(state.handles) == set(by_handle)
+    for handle, ip in by_handle.items():
+        (cidr, count), = state.handles[handle][0].block.items()
+        block = state.blocks[cidr][0]
+        assert count == 1 and block.attribute_of(ip).handle == handle
+        assert block.host == handle.split(".")[1].rsplit("-", 1)[0]  # from its own node's block
+
+    async def release_all(ds: Datastore) -> list[list[str]]:
+        ipam = IPAM(ds)
+        return await asyncio.gather(*(ipam.release_by_handle(h) for h in by_handle))
+    released = run(server, release_all)
+    assert sorted(ip for r in released for ip in r) == sorted(handed)
+    state = run(server, read_state)
+    assert state.handles == {}
+    assert all(b.in_use() == 0 for b, _ in state.blocks.values())
+    check_consistent(state)
+
+
+# -- 2. exhaustion ----------------------------------------------------------------------------
+
+
+def test_a_pool_too_small_gives_the_exhaustion_error_and_leaves_nothing(
+        server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "small", "10.9.0.0/28", 28)
+        ipam = IPAM(ds)
+        with pytest.raises(PoolExhausted) as e:
+            await ipam.auto_assign(req("greedy", num_v4=20))
+        assert "pool small (10.9.0.0/28): 0 of 16 addresses in use" in str(e.value)
+        for i in range(16):
+            await ipam.auto_assign(req(f"h{i}"))
+        with pytest.raises(PoolExhausted, match="16 of 16 addresses in use"):
+            await ipam.auto_assign(req("one-too-many"))
+    run(server, go)
+    state = run(server, read_state)
+    assert "greedy" not in state.handles and "one-too-many" not in state.handles
+    assert sum(b.in_use() for b, _ in state.blocks.values()) == 16
+    check_consistent(state)
+
+
+def test_block_limit_per_host(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.9.0.0/27", 28)
+        ipam = IPAM(ds)
+        await ipam.set_config(IPAMConfig(strict_affinity=True, max_blocks_per_host=1))
+        await ipam.auto_assign(req("first", num_v4=16))
+        with pytest.raises(PoolExhausted, match=r"limit \(maxBlocksPerHost 1\)"):
+            await ipam.auto_assign(req("second"))
+        with pytest.raises(InvalidRequest, match="needs strict affinity"):
+            await ipam.set_config(IPAMConfig(max_blocks_per_host=2))
+    run(server, go)
+
+
+# -- 3. strict affinity and borrowing ---------------------------------------------------------
+
+
+def test_borrowing_happens_only_without_strict_affinity(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.9.0.0/27", 28)  # two blocks of 16
+        ipam = IPAM(ds)
+        await ipam.set_config(STRICT)
+        await ipam.auto_assign(req("a-full", num_v4=16))
+        await ipam.auto_assign(req("b-one", node="node-b"))  # node-b claims the other block
+        with pytest.raises(PoolExhausted, match="strict affinity is on"):
+            await ipam.auto_assign(req("a-17"))
+        b_address = ipaddress.ip_address((await ipam.ips_by_handle("b-one"))[0])
+        with pytest.raises(InvalidRequest, match="strict affinity is on"):
+            await ipam.assign_ip(str(b_address + 1), "a-x", "node-a")
+        assert ipam.stats["borrowed"] == 0
+
+        await ipam.set_config(IPAMConfig())
+        got = await ipam.auto_assign(req("a-17"))
+        assert ipam.stats["borrowed"] == 1
+        state = await read_state(ds)
+        owner = next(b for b, _ in state.blocks.values() if got.ipv4[0].ip in b.network)
+        assert owner.host == "node-b"
+        assert owner.attribute_of(got.ipv4[0].ip).secondary == {"node": "node-a"}
+        check_consistent(state)
+    run(server, go)
+
+
+# -- 4. Calico's layout as etcdctl shows it ----------------------------------------------------
+
+
+def test_etcdctl_shows_calicos_layout(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/16", 26)
+        ipam = IPAM(ds)
+        await ipam.set_config(STRICT)
+        await ipam.auto_assign(AssignRequest(
+            handle_id="k8s-pod-network.4f1c", hostname="node-a",
+            attrs={"node": "node-a", "namespace": "default", "pod": "web-1",
+                   "timestamp": "2026-05-01 10:00:00 +0000 UTC"}))
+    run(server, go)
+    lines = server.etcdctl("get", "/calico/ipam/v2/", "--prefix").splitlines()
+    stored = dict(zip(lines[::2], (json.loads(v) for v in lines[1::2]), strict=True))
+    block_key = next(k for k in stored if k.startswith("/calico/ipam/v2/assignment/ipv4/block/"))
+    cidr = keys.parse_block_key(block_key)
+    assert cidr is not None and cidr.endswith("/26")
+    affinity_key = f"/calico/ipam/v2/host/node-a/ipv4/block/{cidr.replace('/', '-')}"
+    assert set(stored) == {block_key, affinity_key, "/calico/ipam/v2/config",
+                           "/calico/ipam/v2/handle/k8s-pod-network.4f1c"}
+    block = stored[block_key]
+    assert list(block) == ["cidr", "affinity", "affinity_claim_time", "allocations",
+                           "unallocated", "attributes", "sequenceNumber",
+                           "sequenceNumberForAllocation", "deleted"]
+    assert block["affinity"] == "host:node-a" and len(block["allocations"]) == 64
+    assert block["attributes"] == [{"handle_id": "k8s-pod-network.4f1c", "secondary": {
+        "namespace": "default", "node": "node-a", "pod": "web-1",
+        "timestamp": "2026-05-01 10:00:00 +0000 UTC"}}]
+    ordinal = block["allocations"].index(0)
+    assert block["sequenceNumberForAllocation"] == {str(ordinal): block["sequenceNumber"] - 1}
+    assert stored[affinity_key] == {"state": "confirmed", "deleted": False}
+    assert stored["/calico/ipam/v2/handle/k8s-pod-network.4f1c"] == {
+        "block": {cidr: 1}, "deleted": False}
+    assert stored["/calico/ipam/v2/config"] == {"strict_affinity": True,
+                                                "auto_allocate_blocks": True}
+
+
+# -- 5. dual stack ----------------------------------------------------------------------------
+
+
+def test_dual_stack_in_one_request_all_or_nothing(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "v4", "10.244.0.0/16", 26)
+        await add_pool(ds, "v6", "fd00:10:244::/126", 126)  # four addresses
+        ipam = IPAM(ds)
+        got = await ipam.auto_assign(req("dual", num_v6=1))
+        assert str(got.ipv4[0].network.prefixlen) == "26" and got.ipv4[0].ip.version == 4
+        assert got.ipv6[0].network.prefixlen == 126 and got.ipv6[0].ip.version == 6
+        handle = (await read_state(ds)).handles["dual"][0]
+        assert len(handle.block) == 2
+        await ipam.auto_assign(req("v6-rest", num_v4=0, num_v6=3))
+        with pytest.raises(PoolExhausted, match="no free IPv6 address"):
+            await ipam.auto_assign(req("half", num_v6=1))
+        state = await read_state(ds)
+        assert "half" not in state.handles  # its IPv4 address went back
+        assert sum(b.in_use() for c, (b, _) in state.blocks.items() if "." in c) == 1
+        check_consistent(state)
+    run(server, go)
+
+
+# -- 6. a specific address, reservations, pools by name ----------------------------------------
+
+
+def test_assign_ip_in_use_and_outside_pools(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/16", 26)
+        ipam = IPAM(ds)
+        got = await ipam.assign_ip("10.244.7.9", "k8s-pod-network.fixed", "node-a",
+                                   {"node": "node-a"})
+        assert str(got) == "10.244.7.9/26"
+        state = await read_state(ds)
+        assert state.blocks["10.244.7.0/26"][0].host == "node-a"  # claimed for the node
+        with pytest.raises(AddressInUse, match=r"10\.244\.7\.9 is already in use"):
+            await ipam.assign_ip("10.244.7.9", "other", "node-b")
+        with pytest.raises(NotInPool, match=r"10\.99\.0\.1 is not in any enabled IP pool"):
+            await ipam.assign_ip("10.99.0.1", "other", "node-a")
+        # another node may take an address in node-a's block while strict affinity is off
+        await ipam.assign_ip("10.244.7.10", "borrower", "node-b", {"node": "node-b"})
+        assert await ipam.ips_by_handle("borrower") == ["10.244.7.10"]
+        check_consistent(await read_state(ds))
+    run(server, go)
+
+
+def test_reservations_are_never_auto_assigned(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/25", 27)  # four blocks of 32
+        await put(ds, "IPReservation", "keep", {"reservedCIDRs": [
+            "10.244.0.0/27", "10.244.0.32/28", "10.244.0.64/32"]})
+        ipam = IPAM(ds)
+        got = await ipam.auto_assign(req("many", num_v4=16 + 31 + 32))
+        handed = {i.ip for i in got.ipv4}
+        reserved = [ipaddress.ip_network(c) for c in
+                    ("10.244.0.0/27", "10.244.0.32/28", "10.244.0.64/32")]
+        assert not any(a in n for a in handed for n in reserved)
+        state = await read_state(ds)
+        assert "10.244.0.0/27" not in state.blocks  # wholly reserved: never claimed
+        with pytest.raises(PoolExhausted, match="reserved"):
+            await ipam.auto_assign(req("more"))
+        # asked for by name, a reserved address is handed out (that is what it is kept for)
+        await ipam.assign_ip("10.244.0.64", "router", "node-a")
+    run(server, go)
+
+
+def test_pools_by_name_and_selectors(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "rack-b", "10.20.0.0/24", 26, nodeSelector="rack == 'b'")
+        await add_pool(ds, "manual", "10.30.0.0/24", 26, assignmentMode="Manual")
+        await put(ds, "Node", "node-b", {}, labels={"rack": "b"})
+        ipam = IPAM(ds)
+        with pytest.raises(NoMatchingPool, match="nodeSelector"):
+            await ipam.auto_assign(req("a"))
+        got = await ipam.auto_assign(req("b", node="node-b"))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.20.0.0/24")
+        got = await ipam.auto_assign(req("m", ipv4_pools=["manual"]))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.30.0.0/24")
+        got = await ipam.auto_assign(req("c", ipv4_pools=["10.30.0.0/24"]))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.30.0.0/24")
+    run(server, go)
+
+
+# -- 7. release by address with sequence numbers -----------------------------------------------
+
+
+def test_release_with_a_stale_sequence_number_is_refused(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/16", 26)
+        ipam = IPAM(ds)
+        ip = str((await ipam.auto_assign(req("h1"))).ipv4[0].ip)
+        block = next(b for b, _ in (await read_state(ds)).blocks.values())
+        seq = block.sequence_number_for_allocation[str(block.ordinal(ip))]
+        with pytest.raises(StaleSequenceNumber, match="changed hands"):
+            await ipam.release_ips([ip], sequence_numbers={ip: seq - 1})
+        assert await ipam.ips_by_handle("h1") == [ip]
+        assert await ipam.release_ips([ip, "10.244.99.99"], sequence_numbers={ip: seq}) == [
+            "10.244.99.99"]
+        assert await ipam.ips_by_handle("h1") == []
+        assert await ipam.release_ips([ip]) == [ip]
+        assert await ipam.release_by_handle("h1") == []
+        state = await read_state(ds)
+        assert state.handles == {}
+        check_consistent(state)
+    run(server, go)
+
+
+def test_release_by_handle_tolerates_a_missing_block(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/16", 26)
+        ipam = IPAM(ds)
+        got = await ipam.auto_assign(req("h1"))
+        cidr = str(got.ipv4[0].network)
+        await ds.delete(keys.block_key(cidr))
+        assert await ipam.release_by_handle("h1") == []
+        assert (await read_state(ds)).handles == {}
+        assert await ipam.release_by_handle("never-existed") == []
+    run(server, go)
+
+
+# -- 8. node removal --------------------------------------------------------------------------
+
+
+def test_release_host_frees_a_removed_nodes_addresses_affinities_and_blocks(
+        server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "pool", "10.244.0.0/16", 26)
+        await ds.put(keys.ipam_host_key("node-a"), b"{}")
+        ipam = IPAM(ds)
+        a = await ipam.auto_assign(req("pod-a", num_v4=3))
+        a_block = str(a.ipv4[0].network)
+        tunnel = await ipam.auto_assign(AssignRequest("ipip-tunnel-addr-node-a", "node-a",
+                                                      attrs={"type": "ipipTunnelAddress"}))
+        borrowed = str(ipaddress.ip_network(a_block)[40])
+        await ipam.assign_ip(borrowed, "pod-b1", "node-b", {"node": "node-b"})
+        b = await ipam.auto_assign(req("pod-b2", node="node-b"))
+        await ipam.assign_ip("10.244.200.1", "stray-a", "node-a", {"node": "node-a"})
+        released = await ipam.release_host("node-a")
+        expected = [str(i.ip) for i in a.ipv4 + tunnel.ipv4] + ["10.244.200.1"]
+        assert sorted(released) == sorted(expected)
+
+        state = await read_state(ds)
+        assert not [k for k in state.affinities if k[0] == "node-a"]
+        assert state.blocks[a_block][0].host is None  # kept for node-b's pod, unaffine
+        assert state.blocks[a_block][0].in_use() == 1
+        assert "10.244.200.0/26" not in state.blocks  # emptied: deleted
+        assert set(state.handles) == {"pod-b1", "pod-b2"}
+        assert await ipam.ips_by_handle("pod-b2") == [str(b.ipv4[0].ip)]
+        assert await ds.get(keys.ipam_host_key("node-a")) is None
+        check_consistent(state)
+    run(server, go)
+
+
+# -- 9. reclaiming another host's empty block --------------------------------------------------
+
+
+def test_an_empty_block_of_another_host_is_reclaimed_after_a_minute(server: EtcdServer) -> None:
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "one-block", "10.9.0.0/26", 26)
+        await IPAM(ds).set_config(STRICT)
+        a = IPAM(ds)
+        await a.auto_assign(req("a1"))
+        await a.release_by_handle("a1")  # empty, still affine to node-a
+        with pytest.raises(PoolExhausted):
+            await IPAM(ds).auto_assign(req("b1", node="node-b"))
+        later = IPAM(ds, clock=lambda: a._clock() + 61)
+        got = await later.auto_assign(req("b1", node="node-b"))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.9.0.0/26")
+        state = await read_state(ds)
+        assert state.blocks["10.9.0.0/26"][0].host == "node-b"
+        assert set(state.affinities) == {("node-b", "10.9.0.0/26")}
+        check_consistent(state)
+    run(server, go)
