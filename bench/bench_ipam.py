@@ -39,16 +39,20 @@ from datastore.config import EtcdConfig
 from datastore.etcd import Datastore
 from ipam.allocator import IPAM, AssignRequest
 
-async def main(endpoint, host, count):
+async def main(endpoint, host, count, inflight):
     async with Datastore(EtcdConfig(endpoints=(endpoint,))) as ds:
         ipam = IPAM(ds)
+
+        async def lane(k):
+            for i in range(k, count, inflight):
+                await ipam.auto_assign(AssignRequest(handle_id=f"bench.{{host}}.{{i}}",
+                                                     hostname=host, attrs={{"node": host}}))
+
         start = time.perf_counter()
-        for i in range(count):
-            await ipam.auto_assign(AssignRequest(handle_id=f"bench.{{host}}.{{i}}", hostname=host,
-                                                 attrs={{"node": host}}))
+        await asyncio.gather(*(lane(k) for k in range(inflight)))
         print(json.dumps({{"seconds": time.perf_counter() - start, **ipam.stats}}))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
@@ -67,12 +71,14 @@ async def wipe_ipam(server: EtcdServer) -> None:
             await ds.delete(kv.key)
 
 
-def run_nodes(server: EtcdServer, nodes: int, per_node: int) -> dict[str, float]:
-    """`nodes` processes, one node name each, allocating at once; returns totals."""
+def run_nodes(server: EtcdServer, nodes: int, per_node: int,
+              inflight: int = 1) -> dict[str, float]:
+    """`nodes` processes, one node name each, allocating at once (`inflight` requests at a
+    time in each, as concurrent pod starts on one node); returns totals."""
     script = WORKER.format(root=str(ROOT))
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", script, server.endpoint, f"node{n}",
-                               str(per_node)], stdout=subprocess.PIPE, text=True)
+                               str(per_node), str(inflight)], stdout=subprocess.PIPE, text=True)
              for n in range(nodes)]
     outs = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     wall = time.perf_counter() - start
@@ -115,6 +121,8 @@ def main() -> None:
             asyncio.run(wipe_ipam(server))
             three = run_nodes(server, 3, args.per_node)
             asyncio.run(wipe_ipam(server))
+            contended = run_nodes(server, 3, args.per_node, inflight=4)
+            asyncio.run(wipe_ipam(server))
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
             tabby_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tabby-ipam",
                           "etcd_endpoints": server.endpoint, "nodename": "node-exec",
@@ -126,11 +134,11 @@ def main() -> None:
             anchor_ms = exec_rate(HOST_LOCAL, host_local_conf, args.execs, env)
         finally:
             server.stop()
-    write_results(one, three, tabby_ms, anchor_ms, args)
+    write_results(one, three, contended, tabby_ms, anchor_ms, args)
 
 
-def write_results(one: dict[str, float], three: dict[str, float], tabby_ms: float,
-                  anchor_ms: float, args: argparse.Namespace) -> None:
+def write_results(one: dict[str, float], three: dict[str, float], contended: dict[str, float],
+                  tabby_ms: float, anchor_ms: float, args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y-%m-%d")
     lines = [
         BEGIN,
@@ -149,6 +157,9 @@ def write_results(one: dict[str, float], three: dict[str, float], tabby_ms: floa
         f"{one['conflict_rate']:.3f} |",
         f"| Tabby allocator, 3 nodes at once | {three['allocs']:.0f} | "
         f"{three['per_second']:.0f}/s | {three['conflict_rate']:.3f} ({three['conflicts']:.0f}) |",
+        f"| Tabby allocator, 3 nodes x 4 requests in flight | {contended['allocs']:.0f} | "
+        f"{contended['per_second']:.0f}/s | {contended['conflict_rate']:.3f} "
+        f"({contended['conflicts']:.0f}) |",
         "",
         "| CNI ADD exec (IPAM plugin only) | median | ratio |",
         "|---|---|---|",
