@@ -21,8 +21,9 @@ list with one per family) is set as each address's gateway, and `ipam.routes` (h
 `[{"dst": ..., "gw": ...}]`) is copied into the result. Without them the result is exactly
 calico-ipam's: addresses only.
 
-Unlike calico-ipam, the pod annotation `cni.projectcalico.org/ipv4pools` is not read: an IPAM
-plugin has no API server to ask; pools come from the netconf or from the pools' selectors.
+For Kubernetes pods, Calico's annotations `cni.projectcalico.org/ipv4pools`, `ipv6pools` (pod,
+then namespace) and `ipAddrs` (pod) are honoured, read from the Pod and Namespace applied with
+tabbyctl (`cni/annotations.py`); without those objects the netconf decides.
 
 Every failure is a CNI error on stdout with a message saying what to do. Imports of the etcd
 client and the allocator are deferred until a command needs them, so VERSION stays cheap.
@@ -38,6 +39,7 @@ import sys
 import time
 from collections import namedtuple
 
+from cni import annotations as calico_annotations
 from cni import spec
 from cni.spec import CNIError
 
@@ -416,7 +418,14 @@ async def cmd_add(ctx: Context, ipam: IPAM) -> dict[str, Any]:
     from ipam.allocator import AssignRequest
 
     req, conf, log = ctx.req, ctx.conf, ctx.log
-    wanted = requested_ips(req.config, req.args)
+    pod_ann, ns_ann = await _pod_annotations(ctx, ipam)
+    pod_name = f"{req.args.pod_namespace}/{req.args.pod_name}"
+    wanted = (requested_ips(req.config, req.args)
+              or calico_annotations.requested_addresses(pod_ann, pod_name))
+    ipv4_pools = calico_annotations.pools(pod_ann, ns_ann, calico_annotations.IPV4_POOLS, pod_name,
+                                   req.args.pod_namespace) or conf.ipv4_pools
+    ipv6_pools = calico_annotations.pools(pod_ann, ns_ann, calico_annotations.IPV6_POOLS, pod_name,
+                                   req.args.pod_namespace) or conf.ipv6_pools
     attrs = allocation_attrs(ctx.node, req.args, time.time_ns())
     with host_lock(conf.lock_file, log):
         if wanted:
@@ -432,13 +441,29 @@ async def cmd_add(ctx: Context, ipam: IPAM) -> dict[str, Any]:
                 num_v4=int(conf.assign_ipv4),
                 num_v6=int(conf.assign_ipv6),
                 attrs=attrs,
-                ipv4_pools=conf.ipv4_pools,
-                ipv6_pools=conf.ipv6_pools,
+                ipv4_pools=ipv4_pools,
+                ipv6_pools=ipv6_pools,
                 namespace=req.args.pod_namespace if req.args.is_k8s else None,
             ))
             addresses = [str(a) for a in [*got.ipv4, *got.ipv6]]  # block-masked, as calico-ipam
     log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
     return ipam_result(addresses, req.version, conf.gateways, conf.routes)
+
+
+async def _pod_annotations(ctx: Context, ipam: IPAM) -> tuple[dict[str, str], dict[str, str]]:
+    """Annotations of the pod and its namespace, from the objects applied with tabbyctl."""
+    import json
+
+    from datastore.kinds import kind_for
+
+    args = ctx.req.args
+    if not args.is_k8s:
+        return {}, {}
+    pod_key = kind_for("Pod", "v1").key(args.pod_name, args.pod_namespace)
+    ns_key = kind_for("Namespace", "v1").key(args.pod_namespace)
+    found = [await ipam.ds.get(key) for key in (pod_key, ns_key)]
+    pod, ns = (json.loads(kv.value) if kv else None for kv in found)
+    return calico_annotations.annotations_of(pod), calico_annotations.annotations_of(ns)
 
 
 async def _assign_requested(ctx: Context, ipam: IPAM, wanted: Iterable[IPAddress],

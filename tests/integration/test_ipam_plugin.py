@@ -490,3 +490,43 @@ def test_nodename_order(tmp_path: Path) -> None:
     assert ipam_plugin.determine_nodename(c) == "from-file"
     c = ipam_plugin.parse_conf({"name": "n", "nodename": "explicit", "nodename_file": str(f)})
     assert ipam_plugin.determine_nodename(c) == "explicit"
+
+
+@pytest.mark.etcd
+def test_calico_annotations_on_pod_and_namespace(conf: dict[str, Any], store: EtcdServer) -> None:
+    """ipv4pools (pod over namespace over netconf) and ipAddrs, read from the Pod and Namespace
+    objects tabbyctl stores."""
+    from datastore.k8s import validate_k8s
+
+    put_pools(store, pool("pool-b", "10.251.0.0/24"), pool("pool-c", "10.252.0.0/24"))
+
+    def put_k8s(obj: dict[str, Any]) -> None:
+        obj = validate_k8s(obj)
+        meta = obj["metadata"]
+        plural = {"Pod": "pods", "Namespace": "namespaces"}[obj["kind"]]
+        where = f"{meta['namespace']}/{meta['name']}" if "namespace" in meta else meta["name"]
+        store.etcdctl("put", f"/tabby/k8s/{plural}/{where}", json.dumps(obj))
+
+    def pod(annotations: dict[str, str]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-0", "namespace": "prod", "annotations": annotations},
+                "spec": {"containers": [{"name": "c"}]}}
+
+    put_k8s({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "prod", "annotations": {"cni.projectcalico.org/ipv4pools": '["pool-b"]'}}})
+    put_k8s(pod({}))
+    from_namespace = ok(exec_plugin("ADD", conf, cid="n1", args=POD_ARGS))
+    assert address(from_namespace) in ipaddress.ip_network("10.251.0.0/24")
+    put_k8s(pod({"cni.projectcalico.org/ipv4pools": '["10.252.0.0/24"]'}))
+    from_pod = ok(exec_plugin("ADD", conf, cid="n2", args=POD_ARGS))
+    assert address(from_pod) in ipaddress.ip_network("10.252.0.0/24")
+    put_k8s(pod({"cni.projectcalico.org/ipAddrs": '["10.250.0.200"]'}))
+    exact = ok(exec_plugin("ADD", conf, cid="n3", args=POD_ARGS))
+    assert exact["ips"] == [{"address": "10.250.0.200/32"}]
+    put_k8s(pod({"cni.projectcalico.org/ipAddrs": "10.250.0.201"}))  # not a JSON list
+    before = ipam_dump(store)
+    bad = failed(exec_plugin("ADD", conf, cid="n4", args=POD_ARGS), spec.INVALID_CONFIG)
+    assert "cni.projectcalico.org/ipAddrs" in bad["msg"] and "prod/web-0" in bad["msg"]
+    assert ipam_dump(store) == before
+    no_k8s = ok(exec_plugin("ADD", conf, cid="n5"))  # not a pod: the netconf decides
+    assert address(no_k8s) in ipaddress.ip_network("10.250.0.0/24")
