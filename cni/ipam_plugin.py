@@ -27,6 +27,9 @@ tabbyctl (`cni/annotations.py`); without those objects the netconf decides.
 
 Every failure is a CNI error on stdout with a message saying what to do. Imports of the etcd
 client and the allocator are deferred until a command needs them, so VERSION stays cheap.
+
+The netconf is parsed in `cni.ipam_conf`, handles, attributes, results and errors are made in
+`cni.ipam_result`; their names are re-exported here. This module runs the commands.
 """
 
 from __future__ import annotations
@@ -37,10 +40,24 @@ import json
 import os
 import sys
 import time
-from collections import namedtuple
 
-from cni import annotations as calico_annotations
 from cni import spec
+
+# `name as name`: re-exported, so cni.ipam_plugin.<name> keeps working for tests and callers
+from cni.ipam_conf import LOCK_FILE as LOCK_FILE
+from cni.ipam_conf import NODENAME_FILE as NODENAME_FILE
+from cni.ipam_conf import IPAddress as IPAddress
+from cni.ipam_conf import PluginConf as PluginConf
+from cni.ipam_conf import _bad, determine_nodename, parse_conf, requested_ips
+from cni.ipam_result import (
+    DEADLINE,
+    allocation_attrs,
+    error_for,
+    handle_id,
+    ipam_result,
+    legacy_handle,
+)
+from cni.ipam_result import go_timestamp as go_timestamp
 from cni.spec import CNIError
 
 # VERSION probes come before every ADD and DEL (podman): asyncio, dataclasses and typing would
@@ -55,285 +72,12 @@ if TYPE_CHECKING:
     from ipam.allocator import IPAM
 
 ABOUT = "tabby-ipam: Calico-compatible CNI IPAM over etcd"
-NODENAME_FILE = "/var/lib/calico/nodename"
-LOCK_FILE = "/var/run/calico/ipam.lock"  # calico-ipam's default: the two never race on a node
 LOCK_WAIT = 30.0  # the host lock is an optimisation; past this we go on without it
-DEADLINE = 60.0  # bound on one whole request against etcd
 ROLLBACK_TIMEOUT = 5.0
 POOLS_PREFIX = "/calico/resources/v3/projectcalico.org/ippools/"
 KNOWN_ARGS = (*spec.K8S_ARGS, "IP")
-_LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "fatal": 50,
-               "panic": 50}
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# -- the netconf (pure) -------------------------------------------------------------------------
-
-
-
-
-class PluginConf(namedtuple("PluginConf", [
-    "network", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "gateways", "routes",
-    "nodename", "nodename_file", "hostname", "log_level", "log_file_path", "lock_file",
-])):
-    """The netconf fields tabby-ipam uses; `gateways` and `routes` are Tabby's extension,
-    `hostname` calico's deprecated fallback after the nodename file."""
-
-    __slots__ = ()
-    network: str
-    assign_ipv4: bool
-    assign_ipv6: bool
-    ipv4_pools: tuple[str, ...]
-    ipv6_pools: tuple[str, ...]
-    gateways: tuple[str, ...]  # at most one per family
-    routes: tuple[dict[str, str], ...]
-    nodename: str
-    nodename_file: str
-    hostname: str
-    log_level: int
-    log_file_path: str
-    lock_file: str
-
-
-def parse_conf(config: Mapping[str, Any]) -> PluginConf:
-    """calico-ipam's fields from the netconf; code 7 naming the field for anything malformed."""
-    ipam = config.get("ipam", {})
-    if not isinstance(ipam, dict):
-        raise _bad("ipam", "must be an object")
-    level = _text(config, "log_level").lower()
-    conf = PluginConf(
-        network=str(config["name"]),
-        assign_ipv4=_flag(ipam, "assign_ipv4", True),
-        assign_ipv6=_flag(ipam, "assign_ipv6", False),
-        ipv4_pools=_pools(ipam, "ipv4_pools", 4),
-        ipv6_pools=_pools(ipam, "ipv6_pools", 6),
-        gateways=_gateways(ipam.get("gateway")),
-        routes=_routes(ipam.get("routes")),
-        nodename=_text(config, "nodename").strip(),
-        nodename_file=_text(config, "nodename_file") or NODENAME_FILE,
-        hostname=_text(config, "hostname").strip(),
-        log_level=_LOG_LEVELS.get(level, 20),  # calico-ipam logs at info unless told otherwise
-        log_file_path=_text(config, "log_file_path"),
-        lock_file=_text(config, "ipam_lock_file") or LOCK_FILE,
-    )
-    return conf
-
-
-def _bad(path: str, problem: str, hint: str = "") -> CNIError:
-    return CNIError(spec.INVALID_CONFIG, f"invalid network config: {path} {problem}", hint)
-
-
-def _text(section: Mapping[str, Any], key: str) -> str:
-    value = section.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _bad(key, f"must be a string, not {json.dumps(value)}")
-    return value
-
-
-def _flag(ipam: Mapping[str, Any], key: str, default: bool) -> bool:
-    """calico-ipam's flags are the strings "true"/"false"; JSON booleans are accepted too."""
-    value = ipam.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise _bad(f"ipam.{key}", f"is {json.dumps(value)}", 'use "true" or "false"')
-
-
-def _pools(ipam: Mapping[str, Any], key: str, family: int) -> tuple[str, ...]:
-    """Pool names or CIDRs; a CIDR of the other family is an error, as in calico-ipam."""
-    value = ipam.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise _bad(f"ipam.{key}", "must be a list of IP pool names or CIDRs")
-    for pool in value:
-        try:
-            net = ipaddress.ip_network(pool, strict=False)
-        except ValueError:
-            continue  # a pool name; the allocator resolves it
-        if net.version != family:
-            raise _bad(f"ipam.{key}", f"lists {pool}, which is not an IPv{family} CIDR")
-    return tuple(value)
-
-
-def _gateways(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else (value or [])
-    if not isinstance(items, list):
-        raise _bad("ipam.gateway", "must be an address or a list of addresses")
-    families: dict[int, str] = {}
-    for item in items:
-        try:
-            ip = ipaddress.ip_address(item)
-        except ValueError:
-            raise _bad("ipam.gateway", f"has {json.dumps(item)}, not an IP address") from None
-        if ip.version in families:
-            raise _bad("ipam.gateway", f"has two IPv{ip.version} addresses; give one per family")
-        families[ip.version] = str(ip)
-    return tuple(families.values())
-
-
-def _routes(value: Any) -> tuple[dict[str, str], ...]:
-    hint = 'e.g. [{"dst": "0.0.0.0/0"}]'
-    if not isinstance(value, list | None):
-        raise _bad("ipam.routes", "must be a list of routes", hint)
-    out = []
-    for i, route in enumerate(value or []):
-        if not isinstance(route, dict) or set(route) - {"dst", "gw"}:
-            raise _bad(f"ipam.routes[{i}]", "must be an object with dst and optionally gw", hint)
-        try:
-            ipaddress.ip_network(route.get("dst"), strict=False)
-            if "gw" in route:
-                ipaddress.ip_address(route["gw"])
-        except (TypeError, ValueError):
-            raise _bad(f"ipam.routes[{i}]", f"is {json.dumps(route)}: dst must be a CIDR and "
-                       "gw an address", hint) from None
-        out.append(dict(route))
-    return tuple(out)
-
-
-def requested_ips(config: Mapping[str, Any], args: spec.CniArgs) -> tuple[IPAddress, ...]:
-    """The addresses the runtime asks for, at most one per family.
-
-    runtimeConfig `ips` wins over args `cni.ips`, which wins over CNI_ARGS `IP=`
-    (CONVENTIONS.md: a plugin that understands `args` ignores the CNI_ARGS equivalent).
-    """
-    runtime = config.get("runtimeConfig") or {}
-    extra = config.get("args") or {}
-    cni_args = extra.get("cni") if isinstance(extra, dict) else None
-    sources: list[tuple[str, Any, int]] = [
-        ("runtimeConfig.ips", runtime.get("ips") if isinstance(runtime, dict) else None,
-         spec.INVALID_CONFIG),
-        ("args.cni.ips", cni_args.get("ips") if isinstance(cni_args, dict) else None,
-         spec.INVALID_CONFIG),
-        ("CNI_ARGS IP", list(args.ips), spec.INVALID_ENVIRONMENT),
-    ]
-    for source, value, code in sources:
-        if value:
-            return _parse_ips(source, value, code)
-    return ()
-
-
-def _parse_ips(source: str, value: Any, code: int) -> tuple[IPAddress, ...]:
-    if not isinstance(value, list):
-        raise CNIError(code, f"{source} must be a list of addresses")
-    out: dict[int, IPAddress] = {}
-    for text in value:
-        try:
-            ip = ipaddress.ip_interface(text).ip if isinstance(text, str) else None
-        except ValueError:
-            ip = None
-        if ip is None:
-            raise CNIError(code, f"{source}: {text!r} is not an IP address",
-                           "give addresses as ip or ip/prefix, e.g. 10.244.0.5")
-        if ip.version in out and out[ip.version] != ip:
-            raise CNIError(code, f"{source} asks for two IPv{ip.version} addresses",
-                           "a workload gets at most one address per family")
-        out[ip.version] = ip
-    return tuple(out[v] for v in sorted(out))
-
-
-# -- identities and results (pure) ------------------------------------------------------------
-
-
-def handle_id(network: str, container_id: str) -> str:
-    return f"{network}.{container_id}"
-
-
-def legacy_handle(args: spec.CniArgs, container_id: str) -> str:
-    """The workload ID Calico v2 used as handle: `<ns>.<pod>` for pods, else the container ID."""
-    return f"{args.pod_namespace}.{args.pod_name}" if args.is_k8s else container_id
-
-
-def go_timestamp(ns: int) -> str:
-    """Go's `time.Now().UTC().String()`, the timestamp format calico-ipam stores."""
-    secs, frac = divmod(ns, 1_000_000_000)
-    base = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs))
-    fraction = f".{frac:09d}".rstrip("0") if frac else ""
-    return f"{base}{fraction} +0000 UTC"
-
-
-def allocation_attrs(node: str, args: spec.CniArgs, now_ns: int) -> dict[str, str]:
-    attrs = {"node": node, "timestamp": go_timestamp(now_ns)}
-    if args.is_k8s:
-        attrs["pod"] = args.pod_name
-        attrs["namespace"] = args.pod_namespace
-    return attrs
-
-
-def ipam_result(addresses: Iterable[str], version: str, gateways: Iterable[str] = (),
-                routes: Iterable[Mapping[str, str]] = ()) -> dict[str, Any]:
-    """An IPAM result: ips without `interface`, no interfaces (SPEC.md section 5)."""
-    by_family = {ipaddress.ip_address(g).version: g for g in gateways}
-    ips = []
-    for a in addresses:
-        gateway = by_family.get(ipaddress.ip_interface(a).version)
-        ips.append({"address": a, **({"gateway": gateway} if gateway else {})})
-    result = {"cniVersion": spec.CURRENT_VERSION, "ips": ips, "routes": [dict(r) for r in routes]}
-    return spec.convert_result(result, version)
-
-
-def error_for(exc: BaseException, etcd: str = "") -> CNIError:
-    """The CNI error a person sees for a failure, with what to do about it."""
-    if isinstance(exc, CNIError):
-        return exc
-    from datastore.config import ConfigError
-    from ipam import errors
-
-    text = str(exc)
-    where = f" ({etcd})" if etcd else ""
-    table: list[tuple[type[BaseException], int, str]] = [
-        (errors.PoolExhausted, spec.POOL_EXHAUSTED,
-         "add an IPPool or enlarge one, or find leaked addresses with `tabbyctl ipam check` "
-         "and free them with `tabbyctl ipam release`"),
-        (errors.NoMatchingPool, spec.NO_MATCHING_POOL,
-         "create an enabled IPPool of this address family whose nodeSelector matches this node, "
-         "or fix ipv4_pools/ipv6_pools in the CNI network config"),
-        (errors.AddressInUse, spec.ADDRESS_IN_USE,
-         "the address asked for (CNI_ARGS IP= or runtimeConfig ips) belongs to another "
-         "workload; ask for a free address or for none"),
-        (errors.NotInPool, spec.NOT_IN_POOL,
-         "ask for an address inside an enabled IPPool, or create a pool that contains it"),
-        (errors.InvalidRequest, spec.INVALID_CONFIG, "fix the request or the IPAM config"),
-        (errors.IPAMError, spec.TRY_AGAIN_LATER, "the runtime will retry"),
-        (ConfigError, spec.INVALID_CONFIG, "fix the etcd_* fields of the CNI network config"),
-    ]
-    if "datastore.etcd" in sys.modules:  # only a loaded client can have failed
-        from datastore.etcd import DatastoreError, Unavailable
-
-        table[-1:-1] = [
-            (Unavailable, spec.TRY_AGAIN_LATER,
-             f"check that etcd is running and that etcd_endpoints in the CNI network config"
-             f"{where} points at it; the runtime will retry"),
-            (DatastoreError, spec.TRY_AGAIN_LATER, f"etcd{where} failed; the runtime will retry"),
-        ]
-    for kind, code, hint in table:
-        if isinstance(exc, kind):
-            return CNIError(code, text, hint)
-    if isinstance(exc, TimeoutError):
-        return CNIError(spec.TRY_AGAIN_LATER, f"etcd{where} did not finish the request within "
-                        f"{DEADLINE:.0f} s", "etcd is overloaded or unreachable; the runtime "
-                        "will retry")
-    return CNIError(spec.INTERNAL, f"internal error: {type(exc).__name__}: {exc}",
-                    "this is a bug in tabby-ipam; the log (log_file_path) has the traceback")
-
 
 # -- host environment (I/O) ---------------------------------------------------------------------
-
-
-def determine_nodename(conf: PluginConf) -> str:
-    """calico-ipam's order: nodename, the nodename file, the deprecated hostname, the OS's."""
-    import socket
-
-    if conf.nodename:
-        return conf.nodename
-    with contextlib.suppress(OSError):
-        with open(conf.nodename_file, encoding="utf-8") as f:
-            name = f.read().strip()
-        if name:
-            return name
-    return conf.hostname or socket.gethostname()
 
 
 @contextlib.contextmanager
@@ -415,6 +159,7 @@ class Context:
 
 
 async def cmd_add(ctx: Context, ipam: IPAM) -> dict[str, Any]:
+    from cni import annotations as calico_annotations  # it imports typing: ADD only
     from ipam.allocator import AssignRequest
 
     req, conf, log = ctx.req, ctx.conf, ctx.log
@@ -454,6 +199,7 @@ async def _pod_annotations(ctx: Context, ipam: IPAM) -> tuple[dict[str, str], di
     """Annotations of the pod and its namespace, from the objects applied with tabbyctl."""
     import json
 
+    from cni import annotations as calico_annotations
     from datastore.kinds import kind_for
 
     args = ctx.req.args
