@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import precompile, production_env, write_section  # noqa: E402
 from datastore.etcd import Datastore, Put  # noqa: E402
 from datastore.validation import validate  # noqa: E402
 from tests.etcd_server import EtcdServer  # noqa: E402
@@ -78,7 +79,8 @@ def run_nodes(server: EtcdServer, nodes: int, per_node: int,
     script = WORKER.format(root=str(ROOT))
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", script, server.endpoint, f"node{n}",
-                               str(per_node), str(inflight)], stdout=subprocess.PIPE, text=True)
+                               str(per_node), str(inflight)], stdout=subprocess.PIPE, text=True,
+                              env=production_env())
              for n in range(nodes)]
     outs = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     wall = time.perf_counter() - start
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--per-node", type=int, default=300)
     parser.add_argument("--execs", type=int, default=40)
     args = parser.parse_args()
+    precompile()
     with tempfile.TemporaryDirectory() as tmp:
         server = EtcdServer(Path(tmp) / "etcd")
         server.start()
@@ -123,7 +126,7 @@ def main() -> None:
             asyncio.run(wipe_ipam(server))
             contended = run_nodes(server, 3, args.per_node, inflight=4)
             asyncio.run(wipe_ipam(server))
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+            env = production_env({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
             tabby_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tabby-ipam",
                           "etcd_endpoints": server.endpoint, "nodename": "node-exec",
                           "ipam": {"type": "tabby-ipam"}}
@@ -145,8 +148,9 @@ def write_results(one: dict[str, float], three: dict[str, float], contended: dic
         "### IPAM allocation rate",
         "",
         f"Measured {stamp} on {platform.node()} ({os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}); pool 10.244.0.0/16 with /26 blocks, one local etcd "
-        f"(fsync on) sharing the CPUs. Allocator rows: one `auto_assign` per address, "
+        f"{platform.python_version()}, bytecode cache on); pool 10.244.0.0/16 with /26 "
+        "blocks, one local etcd (fsync on) sharing the CPUs. Allocator rows: one "
+        "`auto_assign` per address, "
         f"{args.per_node} per node, each node a separate process, interpreter start excluded. "
         f"Exec rows: median of {args.execs} CNI ADD execs of the IPAM plugin alone. Reproduce: "
         "`.venv/bin/python bench/bench_ipam.py`.",
@@ -168,13 +172,7 @@ def write_results(one: dict[str, float], three: dict[str, float], contended: dic
         END,
     ]
     body = "\n".join(lines)
-    for path in (ROOT / "bench" / "RESULTS.md", ROOT / "README.md"):
-        text = path.read_text()
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + body + "\n"
-        path.write_text(text)
+    write_section(BEGIN, END, body)
     print(body)
 
 

@@ -25,12 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import precompile, production_env, write_section  # noqa: E402
 from tests.etcd_server import EtcdServer  # noqa: E402
 
 TABBYCTL = str(Path(sys.executable).parent / "tabbyctl")
 GNP_PREFIX = "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/"
-RESULTS = ROOT / "bench" / "RESULTS.md"
-README = ROOT / "README.md"
 BEGIN, END = "<!-- bench_tabbyctl:begin -->", "<!-- bench_tabbyctl:end -->"
 
 
@@ -67,11 +66,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
     rows: list[tuple[str, str, str, float, float]] = []
+    precompile()
     with tempfile.TemporaryDirectory() as tmp:
         server = EtcdServer(Path(tmp) / "etcd")
         server.start()
         try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+            env = {k: v for k, v in production_env().items() if not k.startswith("ETCD")}
             env.update(ETCD_ENDPOINTS=server.endpoint, ETCDCTL_API="3")
             etcdctl = ["etcdctl", "--endpoints", server.endpoint]
             rows.append(("start-up only (no etcd request)", "tabbyctl --help",
@@ -123,6 +123,7 @@ def write_results(rows: list[tuple[str, str, str, float, float]], runs: int) -> 
         "",
         f"Measured {stamp} on {platform.node()} ({os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, {etcd_version}, one local etcd, fsync on); "
+        "bytecode cache on, as on a node; "
         f"median of {runs} alternating runs ({max(5, runs // 3)} for the 100-policy case). "
         "Tabby validates, defaults and stamps every object and writes the whole file in one "
         "transaction; etcdctl only moves bytes. Reproduce: "
@@ -135,15 +136,7 @@ def write_results(rows: list[tuple[str, str, str, float, float]], runs: int) -> 
         f"{(rows[2][3] - rows[1][3]) / 99 * 1000:.1f} ms (validation, defaulting, one read).",
         END,
     ])
-    for path, header in ((RESULTS, "# Benchmark results\n"), (README, None)):
-        text = path.read_text() if path.exists() else (header or "")
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-        elif "BENCH_TABLE" in text:
-            text = text.replace("BENCH_TABLE", body)
-        else:
-            text = text.rstrip() + "\n\n" + body + "\n"
-        path.write_text(text)
+    write_section(BEGIN, END, body)
     print("\n".join(table))
 
 
