@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Sets up everything Tabby needs on a Debian 12 machine (run as root): the Debian packages and
 # a virtualenv in ./.venv with Tabby installed. Idempotent; silent when everything is in place.
+#
+# ./install.sh --node [cni-install options]   also makes this machine a Tabby node: runs
+# cni-install (tabby + tabby-ipam into /opt/cni/bin, 10-tabby.conflist, /etc/tabby) and, where
+# systemd runs, installs and enables the tabby-node unit.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+node=0
+if [ "${1:-}" = "--node" ]; then node=1; shift; fi
 
 PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv containernetworking-plugins)
 
@@ -41,4 +48,28 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   fi
   .venv/bin/python -c 'import aetcd, click, yaml' || { say "venv install failed"; exit 1; }
   echo "$want" > "$stamp"
+fi
+
+if [ "$node" = 1 ]; then
+  if [ "$(id -u)" -ne 0 ]; then say "--node needs root"; exit 1; fi
+  .venv/bin/cni-install "$@"
+  unit=/etc/systemd/system/tabby-node.service
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    tmp=$(mktemp)
+    sed -e "s#@TABBY_NODE@#$PWD/.venv/bin/tabby-node#" -e "s#@TABBY_DIR@#$PWD#" \
+      conf/tabby-node.service > "$tmp"
+    if ! cmp -s "$tmp" "$unit"; then
+      install -m 0644 "$tmp" "$unit"
+      systemctl daemon-reload
+      systemctl try-restart tabby-node.service
+      say "installed $unit"
+    fi
+    rm -f "$tmp"
+    if ! systemctl is-enabled --quiet tabby-node.service; then
+      systemctl enable --now tabby-node.service >/dev/null 2>&1
+      say "enabled and started tabby-node (journalctl -u tabby-node)"
+    fi
+  else
+    say "no systemd here: run $PWD/.venv/bin/tabby-node yourself (log: /var/log/tabby/tabby-node.log)"
+  fi
 fi

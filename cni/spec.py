@@ -63,6 +63,8 @@ NO_MATCHING_POOL = 101
 ADDRESS_IN_USE = 102
 NOT_IN_POOL = 103
 ALLOCATION_MISSING = 104
+PLUMBING_FAILED = 110       # ADD could not plumb the pod, or CHECK found it changed
+ENDPOINT_MISSING = 111      # CHECK found no WorkloadEndpoint for the container
 
 ERROR_NAMES = {
     INCOMPATIBLE_VERSION: "Incompatible CNI version",
@@ -138,6 +140,11 @@ def negotiate(config_versions: Iterable[str],
     if not common:
         check_version(max(offered, key=parse_version, default=""), supported)
     return max(common, key=parse_version)
+
+
+def render(obj: Mapping[str, Any]) -> str:
+    """How Tabby's plugins print a result or an error (indented JSON, newline-terminated)."""
+    return json.dumps(obj, indent=4) + "\n"
 
 
 def version_result(requested: str | None = None,

@@ -1,0 +1,252 @@
+"""tabby-node: the per-node daemon (today the CNI service; felix and BGP join in later issues).
+
+Start order: logging, node name, etcd config, the CNI socket (serving at once: VERSION and
+the in-daemon handler need no etcd), the health endpoint, then in the background the Node /
+ClusterInformation registration (retried until etcd answers) and the periodic replay of DELs
+spooled while etcd was down. SIGTERM/SIGINT stop it cleanly: the socket stops accepting,
+running requests get DRAIN_TIMEOUT to finish, the socket file is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.cni_service import (
+    CONCURRENCY,
+    DEFAULT_SOCKET,
+    REQUEST_TIMEOUT,
+    CniService,
+    ServiceError,
+    ServicesCache,
+    probe,
+)
+from node.health import DEFAULT_PORT, HealthServer
+
+if TYPE_CHECKING:
+    from datastore.config import EtcdConfig
+
+VERSION = "0.1.0"
+DEFAULT_NODENAME_FILE = "/var/lib/calico/nodename"  # where Calico's CNI looks for it
+DEFAULT_LOG_FILE = "/var/log/tabby/tabby-node.log"
+DEFAULT_SPOOL = "/var/lib/tabby/pending-del"  # = cni.handler.DEFAULT_SPOOL
+REPLAY_INTERVAL = 30.0
+RETRY_MAX = 30.0
+NOISY_LOGGERS = ("pyroute2", "grpc", "aetcd", "asyncio")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tabby-node", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"tabby-node {VERSION}")
+    p.add_argument("--nodename", default=os.environ.get("NODENAME"),
+                   help="this node's name (default: NODENAME, else the --nodename-file, "
+                        "else the hostname); written to --nodename-file")
+    p.add_argument("--nodename-file", default=DEFAULT_NODENAME_FILE, type=Path,
+                   help="where the CNI plugin reads the node name "
+                        f"(default {DEFAULT_NODENAME_FILE})")
+    p.add_argument("--socket", default=os.environ.get("TABBY_CNI_SOCKET") or DEFAULT_SOCKET,
+                   type=Path, help=f"the CNI service's unix socket (default {DEFAULT_SOCKET})")
+    p.add_argument("-c", "--config", default=os.environ.get("TABBY_CONFIG"),
+                   help="calicoctl-style config file (default /etc/tabby/tabbyctl.cfg, or "
+                        "ETCD_ENDPOINTS and ETCD_*_FILE from the environment)")
+    p.add_argument("--etcd-endpoints", help="comma list of etcd URLs (overrides --config)")
+    p.add_argument("--log-file", default=DEFAULT_LOG_FILE,
+                   help=f"log file besides stderr; '' for none (default {DEFAULT_LOG_FILE})")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--health-port", type=int, default=DEFAULT_PORT,
+                   help=f"health endpoint on 127.0.0.1 (default {DEFAULT_PORT}; 0: none)")
+    p.add_argument("--spool-dir", default=DEFAULT_SPOOL, type=Path,
+                   help=f"DELs waiting for etcd (default {DEFAULT_SPOOL})")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help=f"bound on one CNI request, seconds (default {REQUEST_TIMEOUT:g}; "
+                        "keep it below the shim's 75 s wait)")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help=f"CNI requests handled at once (default {CONCURRENCY})")
+    p.add_argument("--replay-interval", type=float, default=REPLAY_INTERVAL,
+                   help=f"seconds between replays of spooled DELs (default {REPLAY_INTERVAL:g})")
+    return p.parse_args(argv)
+
+
+def setup_logging(log_file: str, level: str) -> logging.Logger:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.WatchedFileHandler(log_file))  # logrotate-friendly
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    return logging.getLogger("tabby.node")
+
+
+def resolve_nodename(given: str | None, nodename_file: Path) -> str:
+    """--nodename, else the file Calico's CNI reads, else the hostname (lower-cased, as
+    calico-node does)."""
+    if given and given.strip():
+        return given.strip()
+    with contextlib.suppress(FileNotFoundError):
+        if text := nodename_file.read_text().strip():
+            return text
+    return socket.gethostname().strip().lower()
+
+
+def write_nodename(path: Path, nodename: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text().strip() == nodename:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(nodename)
+    os.replace(tmp, path)  # readers never see a half-written name
+
+
+def load_etcd_config(opts: argparse.Namespace) -> EtcdConfig:
+    from datastore.config import load_config
+
+    if opts.etcd_endpoints:
+        return load_config(env={**os.environ, "ETCD_ENDPOINTS": opts.etcd_endpoints})
+    return load_config(opts.config)
+
+
+class NodeAgent:
+    """The running daemon: its components, their background tasks, and a clean stop."""
+
+    def __init__(self, opts: argparse.Namespace, config: EtcdConfig, nodename: str,
+                 log: logging.Logger) -> None:
+        self.opts = opts
+        self.config = config
+        self.nodename = nodename
+        self.log = log
+        self.registered = False
+        self.cache = ServicesCache(logging.getLogger("tabby.cni"), opts.spool_dir)
+        self.cni = CniService(opts.socket, self.cache, timeout=opts.request_timeout,
+                              concurrency=opts.concurrency, log=logging.getLogger("tabby.cni"))
+        self.health: HealthServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.cni.start()
+        if self.opts.health_port:
+            self.health = HealthServer(self.opts.health_port,
+                                       {"etcd": self._etcd_ready, "cni": self._cni_ready})
+            await self.health.start()
+        self._tasks.append(asyncio.create_task(self._retrying("registration", self._register)))
+        self._tasks.append(asyncio.create_task(self._replay_loop()))
+        # Later issues start felix and BGP here as supervised child processes (one supervisor
+        # per process: restart with backoff, readiness checks added to self.health) and stop
+        # them in stop() before the CNI service.
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.health is not None:
+            await self.health.stop()
+        await self.cni.stop()
+        await self.cache.close()
+
+    # -- background work --
+
+    async def _register(self) -> None:
+        from datastore.store import ResourceStore
+        from node.registration import register
+
+        services = await self.cache.get(self.config)
+        await register(ResourceStore(services.ds), self.nodename, self.log)
+        self.registered = True
+
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await step()
+                return
+            except Exception as e:  # etcd down or slow: keep serving, try again
+                self.log.warning("%s failed (retrying in %g s): %s", what, delay, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _replay_loop(self) -> None:
+        from cni.handler import replay_pending_deletes
+
+        while True:
+            await asyncio.sleep(self.opts.replay_interval)
+            try:
+                services = await self.cache.get(self.config)
+                if done := await replay_pending_deletes(services):
+                    self.log.info("replayed %d DEL(s) spooled while etcd was down", done)
+            except Exception as e:  # the spool stays for the next round
+                self.log.warning("replaying spooled DELs failed: %s", e)
+
+    # -- readiness checks --
+
+    async def _etcd_ready(self) -> str:
+        services = await self.cache.get(self.config)
+        revision = await services.ds.revision()
+        return f"{services.ds.endpoint} answers at revision {revision}"
+
+    async def _cni_ready(self) -> str:
+        await probe(self.opts.socket)
+        return f"{self.opts.socket} answers VERSION ({self.cni.handled} requests served)"
+
+
+async def run(opts: argparse.Namespace, log: logging.Logger) -> int:
+    from datastore.config import ConfigError
+
+    try:
+        config = load_etcd_config(opts)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    nodename = resolve_nodename(opts.nodename, opts.nodename_file)
+    write_nodename(opts.nodename_file, nodename)
+    import cni.handler  # noqa: F401 - warm imports (pyroute2, etcd) before the first request
+
+    agent = NodeAgent(opts, config, nodename, log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        log.info("tabby-node %s running as node %s (etcd %s)", VERSION, nodename,
+                 ",".join(config.endpoints))
+        await stop.wait()
+        log.info("stopping")
+    except (ServiceError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        await agent.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    try:
+        log = setup_logging(opts.log_file, opts.log_level)
+    except OSError as e:
+        sys.exit(f"tabby-node: cannot open the log file {opts.log_file}: {e.strerror or e}")
+    sys.exit(asyncio.run(run(opts, log)))
+
+
+if __name__ == "__main__":
+    main()
