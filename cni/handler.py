@@ -69,10 +69,11 @@ from cni.netconf import NetConf, parse_netconf
 from cni.spec import CNIError
 from datastore.config import EtcdConfig
 from datastore.errors import ValidationError
-from datastore.etcd import Datastore, Unavailable
+from datastore.etcd import KV, Datastore, Unavailable
 from datastore.kinds import kind_for
+from datastore.reads import ReadBatch, ReadResult
 from datastore.store import ResourceStore, StoreError
-from ipam.allocator import IPAM, AssignRequest
+from ipam.allocator import IPAM, AssignRequest, Prefetched
 
 DEADLINE = 60.0  # one whole ADD/DEL/CHECK/GC
 ETCD_RETRY = 5.0  # DEL: how long etcd may stay unreachable before the rest is spooled
@@ -277,15 +278,19 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
                        "the runtime must create the sandbox's network namespace before ADD")
     _ = w.name  # a name Calico cannot form fails here, before anything is allocated
     _drop_pending(ctx)  # this attachment is live again: an old pending DEL must not undo it
-    held, pod, ns_obj, mtu, _ready = await asyncio.gather(
-        _held(ctx), wep.read_pod(svc.store, w), wep.read_namespace(svc.store, w),
-        _mtu(ctx), _check_datastore_ready(ctx))
+    reads, mtu = await asyncio.gather(_read_for_add(ctx), _mtu(ctx))
+    _check_datastore_ready(reads.get(CLUSTER_INFO.key("default")))
+    pod = wep.resource(reads.get(pod_key)) if (pod_key := wep.pod_key(w)) else None
+    ns_obj = wep.resource(reads.get(ns_key)) if (ns_key := wep.namespace_key(w)) else None
+    prefetched = (svc.ipam.assign_reads(reads, ctx.node, ctx.handle, _ipam_namespace(ctx))
+                  if conf.in_process_ipam else None)
+    held = await _held(ctx, prefetched)
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
     # the pod MAC is chosen here, so the endpoint can be written while the pod is plumbed
     mac = _requested_mac(req, pod) or random_mac()
-    allocation = await _allocate(ctx, held, pod, ns_obj)
+    allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key))
     plumb = write = None
     try:
         pod_if = plumbing.PodInterface(
@@ -294,7 +299,7 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
             allow_ip_forwarding=conf.allow_ip_forwarding)
         endpoint = wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
         plumb = asyncio.ensure_future(asyncio.to_thread(plumbing.setup, pod_if, ctx.host_netns))
-        write = asyncio.ensure_future(wep.write(svc.store, endpoint))
+        write = asyncio.ensure_future(wep.write(svc.store, endpoint, reads.get(w.key)))
         plumbed, _ = await asyncio.gather(plumb, write)
     except BaseException:
         # gather leaves the other one running: let it finish, then undo what both did
@@ -310,11 +315,30 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
     return _result(ctx, allocation, plumbed)
 
 
-async def _held(ctx: Ctx) -> list[str]:
+async def _read_for_add(ctx: Ctx) -> ReadResult:
+    """Everything ADD reads before it writes, in one etcd request at one revision: the
+    ClusterInformation, the endpoint's key, the Pod and its Namespace, and (Tabby's IPAM)
+    what the allocator reads first (`IPAM.queue_assign_reads`)."""
+    w = ctx.workload
+    batch = ReadBatch(gets=[CLUSTER_INFO.key("default"), w.key])
+    for key in (wep.pod_key(w), wep.namespace_key(w)):
+        if key:
+            batch.get(key)
+    if ctx.conf.in_process_ipam:
+        ctx.svc.ipam.queue_assign_reads(batch, ctx.node, ctx.handle, _ipam_namespace(ctx))
+    return await batch.run(ctx.svc.ds)
+
+
+def _ipam_namespace(ctx: Ctx) -> str | None:
+    """The namespace whose labels the pools' namespaceSelectors see."""
+    return ctx.workload.namespace if ctx.workload.is_k8s else None
+
+
+async def _held(ctx: Ctx, prefetched: Prefetched | None) -> list[str]:
     """Addresses this attachment's handle already holds (a repeated ADD), Tabby's IPAM only."""
-    if not ctx.conf.in_process_ipam:
+    if prefetched is None:
         return []
-    return await ctx.svc.ipam.ips_by_handle(ctx.handle)
+    return await ctx.svc.ipam.ips_by_handle(ctx.handle, prefetched.handle)
 
 
 async def _mtu(ctx: Ctx) -> int:
@@ -323,9 +347,8 @@ async def _mtu(ctx: Ctx) -> int:
     return await ctx.svc.pod_mtu(ctx.conf.mtu_overhead, ctx.host_netns)
 
 
-async def _check_datastore_ready(ctx: Ctx) -> None:
-    """Calico refuses ADD while ClusterInformation says the datastore is not ready."""
-    kv = await ctx.svc.ds.get(CLUSTER_INFO.key("default"))
+def _check_datastore_ready(kv: KV | None) -> None:
+    """Calico refuses ADD while ClusterInformation (`kv`) says the datastore is not ready."""
     if kv is None:
         return
     with contextlib.suppress(ValueError, AttributeError):
@@ -365,17 +388,18 @@ def _requested_mac(req: spec.Request, pod: dict[str, Any] | None) -> str | None:
 
 
 async def _allocate(ctx: Ctx, held: list[str], pod: dict[str, Any] | None,
-                    ns_obj: dict[str, Any] | None) -> _Allocation:
+                    ns_obj: dict[str, Any] | None, prefetched: Prefetched | None,
+                    endpoint_kv: KV | None) -> _Allocation:
     req, conf = ctx.req, ctx.conf
     if conf.in_process_ipam:
         if held:
             ctx.log.info("handle %s already holds %s (repeated ADD); keeping it", ctx.handle,
                          ", ".join(held))
             return _allocation({"ips": [{"address": a} for a in held]}, new=False)
-        addresses = await _assign(ctx, pod, ns_obj)
+        addresses = await _assign(ctx, pod, ns_obj, prefetched)
         ctx.log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
         return _allocation({"ips": [{"address": a} for a in addresses]}, new=True)
-    existing = await wep.get(ctx.svc.store, ctx.workload)
+    existing = wep.resource(endpoint_kv)
     if existing and (existing["spec"].get("containerID") == req.container_id
                      and existing["spec"].get("ipNetworks")):
         nets = existing["spec"]["ipNetworks"]
@@ -396,8 +420,8 @@ def _allocation(result: dict[str, Any], new: bool) -> _Allocation:
     return _Allocation(result, addresses, new)
 
 
-async def _assign(ctx: Ctx, pod: dict[str, Any] | None,
-                  ns_obj: dict[str, Any] | None) -> list[str]:
+async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] | None,
+                  prefetched: Prefetched | None) -> list[str]:
     """tabby-ipam's ADD without its host lock (the daemon serves many requests in parallel;
     every write is a compare-and-swap anyway)."""
     req, conf, w = ctx.req, ctx.conf.ipam_conf, ctx.workload
@@ -420,7 +444,7 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None,
     got = await ctx.svc.ipam.auto_assign(AssignRequest(
         handle_id=ctx.handle, hostname=ctx.node, num_v4=int(conf.assign_ipv4),
         num_v6=int(conf.assign_ipv6), attrs=attrs, ipv4_pools=v4_pools, ipv6_pools=v6_pools,
-        namespace=w.namespace if w.is_k8s else None))
+        namespace=_ipam_namespace(ctx)), prefetched=prefetched)
     return [str(a) for a in [*got.ipv4, *got.ipv6]]
 
 

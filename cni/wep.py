@@ -18,6 +18,7 @@ a newer sandbox of the same pod keeps its endpoint.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from datastore.k8s import (
     workload_endpoint_name,
 )
 from datastore.kinds import CALICO_API, kind_for
-from datastore.store import ConflictError, NotFoundError, ResourceStore
+from datastore.resources import encode, identify, validate_all
+from datastore.store import ConflictError, NotFoundError, ResourceStore, _stamp
 from datastore.store import decode as decode_resource
 
 ORCHESTRATOR_K8S = "k8s"
@@ -145,6 +147,20 @@ def owned_by(wep: dict[str, Any], container_id: str) -> bool:
 # -- the store (I/O) ------------------------------------------------------------------------------
 
 
+def pod_key(workload: Workload) -> str | None:
+    """Where the Pod is stored (k8s workloads only), for a batch of reads."""
+    return POD.key(workload.pod, workload.namespace) if workload.is_k8s else None
+
+
+def namespace_key(workload: Workload) -> str | None:
+    return NAMESPACE.key(workload.namespace) if workload.is_k8s else None
+
+
+def resource(kv: etcd.KV | None) -> dict[str, Any] | None:
+    """A stored object as read_pod / read_namespace / get return it."""
+    return decode_resource(kv) if kv is not None else None
+
+
 async def read_pod(store: ResourceStore, workload: Workload) -> dict[str, Any] | None:
     if not workload.is_k8s:
         return None
@@ -168,8 +184,36 @@ async def get(store: ResourceStore, workload: Workload) -> dict[str, Any] | None
     return decode_resource(kv) if kv is not None else None
 
 
-async def write(store: ResourceStore, wep: dict[str, Any]) -> dict[str, Any]:
-    """Create or replace the endpoint (validated, uid kept across rewrites)."""
+class _Unread:
+    pass
+
+
+UNREAD = _Unread()
+
+
+async def write(store: ResourceStore, wep: dict[str, Any],
+                current: etcd.KV | _Unread | None = UNREAD) -> dict[str, Any]:
+    """Create or replace the endpoint (validated, uid kept across rewrites).
+
+    `current`: the endpoint's key as the caller already read it (None: absent). Then the write
+    is one transaction guarded by what was read (a Create when absent, else an Update at its
+    revision) instead of a read and a write; when the key changed since, the ordinary apply
+    (read, then write, retried) takes over."""
+    if not isinstance(current, _Unread):
+        obj = copy.deepcopy(validate_all([wep])[0])  # as store.write: validate, then stamp
+        kind, name, namespace = identify(obj)
+        key = kind.key(name, namespace)
+        if current is None or current.key == key:
+            _stamp(obj, resource(current))
+            op = (etcd.Create(key, encode(obj)) if current is None
+                  else etcd.Update(key, encode(obj), current.mod_revision))
+            try:
+                revision = await store.ds.commit([op])
+            except (etcd.AlreadyExists, etcd.Conflict, etcd.NotFound):
+                pass  # written or removed since it was read: apply reads it again
+            else:
+                obj["metadata"]["resourceVersion"] = str(revision)
+                return obj
     return (await store.write([wep], "apply"))[0].obj
 
 

@@ -455,6 +455,31 @@ class Datastore:
             except _Compacted:  # the pinned revision went away between pages; start over
                 continue
 
+    async def read_many(self, gets: Sequence[str], lists: Sequence[str] = ()
+                        ) -> tuple[dict[str, KV | None], dict[str, list[KV]], int]:
+        """Several gets and prefix listings in ONE read-only transaction, all at one revision
+        (values, listings, revision). A listing longer than a page is finished with `list`."""
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(k))) for k in gets]
+        for prefix in lists:
+            start, end = _prefix_range(prefix)
+            ops.append(rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=start, range_end=end, limit=LIST_PAGE)))
+        if not ops:
+            return {}, {}, 0
+        request = rpc.TxnRequest(success=ops)
+        response = await self._call(lambda c: c.kvstub.Txn(request, **self._opts(c)),
+                                    retry=True)
+        answers = [r.response_range for r in response.responses]
+        values = {k: (_kv(a.kvs[0]) if a.kvs else None)
+                  for k, a in zip(gets, answers[:len(gets)], strict=True)}
+        listings: dict[str, list[KV]] = {}
+        for prefix, answer in zip(lists, answers[len(gets):], strict=True):
+            if answer.more:
+                listings[prefix] = (await self.list(prefix))[0]
+            else:
+                listings[prefix] = [_kv(kv) for kv in answer.kvs]
+        return values, listings, response.header.revision
+
     async def create(self, key: str, value: bytes, lease: int | None = None) -> int:
         return await self.commit([Create(key, value, lease)])
 

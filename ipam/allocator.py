@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datastore.etcd import Create, Datastore, Delete, Update
+from datastore.reads import ReadBatch, ReadResult
 from ipam import affinity, keys, release
 from ipam.block import IP, Block, sanitize_handle
 from ipam.errors import BlockNotEmpty, InvalidRequest, NotInPool, PoolExhausted
-from ipam.inputs import Inputs, read_config, read_inputs, read_pools
+from ipam.inputs import Inputs, inputs_from, queue_inputs, read_config, read_pools
 from ipam.pools import (
     LOAD_BALANCER,
     TUNNEL,
@@ -43,7 +44,16 @@ from ipam.pools import (
     selects,
 )
 from ipam.records import Affinity, Handle, IPAMConfig, encode
-from ipam.store import STAT_NAMES, Store, Versioned, write_block, write_handle
+from ipam.store import (
+    STAT_NAMES,
+    Store,
+    Versioned,
+    affinities_from,
+    block_from,
+    handle_from,
+    write_block,
+    write_handle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,17 @@ class AssignResult:
     ipv6: list[ipaddress.IPv6Interface]
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """What `auto_assign` reads before it writes, read by the caller in a batch of its own
+    reads (`IPAM.queue_assign_reads`, then `IPAM.assign_reads`): one round trip for all."""
+
+    inputs: Inputs
+    affinities: dict[str, Versioned[Affinity]]
+    handle: Versioned[Handle] | None
+    blocks: dict[str, Versioned[Block] | None]  # the host's blocks that last had room
+
+
 @dataclass
 class _Job:
     """One request in flight: what it knows and what it has taken so far."""
@@ -81,6 +102,15 @@ class _Job:
     inputs: Inputs
     affinities: dict[str, Versioned[Affinity]] = field(default_factory=dict)
     taken: list[Interface] = field(default_factory=list)
+    # blocks read with the inputs, each used at most once (a retry reads the block again)
+    known: dict[str, Versioned[Block] | None] = field(default_factory=dict)
+
+
+class _Unread:
+    pass
+
+
+UNREAD = _Unread()
 
 
 class IPAM:
@@ -96,16 +126,44 @@ class IPAM:
 
     # -- assignment --
 
-    async def auto_assign(self, req: AssignRequest) -> AssignResult:
+    def queue_assign_reads(self, batch: ReadBatch, hostname: str, handle_id: str,
+                           namespace: str | None = None) -> None:
+        """Add what `auto_assign` reads first to a batch: the inputs, the host's affinities,
+        the handle and the host's blocks that last had room."""
+        queue_inputs(batch, hostname, namespace)
+        batch.list(keys.host_prefix(hostname))
+        batch.get(keys.handle_key(sanitize_handle(handle_id)))
+        for (host, _), cidr in list(self._room.items()):
+            if host == hostname:
+                batch.get(keys.block_key(cidr))
+
+    def assign_reads(self, result: ReadResult, hostname: str, handle_id: str,
+                     namespace: str | None = None) -> Prefetched:
+        """What `queue_assign_reads` asked for, decoded, for `auto_assign(prefetched=...)`."""
+        blocks = {}
+        for key in result.read_keys():
+            cidr = keys.parse_block_key(key)
+            if cidr:
+                blocks[cidr] = block_from(result.get(key))
+        return Prefetched(inputs_from(result, hostname, namespace),
+                          affinities_from(result.list(keys.host_prefix(hostname))),
+                          handle_from(result.get(keys.handle_key(sanitize_handle(handle_id)))),
+                          blocks)
+
+    async def auto_assign(self, req: AssignRequest, *,
+                          prefetched: Prefetched | None = None) -> AssignResult:
         """Addresses of each family asked for, all or nothing: on any failure whatever this
-        request already took is released before the error is raised."""
+        request already took is released before the error is raised. `prefetched`: the
+        first reads, made by the caller at the same time as its own; else read here."""
         _check(req)
         handle_id = sanitize_handle(req.handle_id)
-        inputs, affinities, handle = await asyncio.gather(
-            read_inputs(self.ds, req.hostname, req.namespace),
-            self._store.host_affinities(req.hostname),
-            self._store.handle(handle_id))
-        job = _Job(req.hostname, handle_id, dict(req.attrs), handle, inputs, affinities)
+        if prefetched is None:
+            batch = ReadBatch()
+            self.queue_assign_reads(batch, req.hostname, handle_id, req.namespace)
+            prefetched = self.assign_reads(await batch.run(self.ds), req.hostname, handle_id,
+                                           req.namespace)
+        job = _Job(req.hostname, handle_id, dict(req.attrs), prefetched.handle,
+                   prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks))
         try:
             v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools, req.intended_use)
             v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools, req.intended_use)
@@ -176,10 +234,10 @@ class IPAM:
         usable = [c for c in usable if not inputs.reservations.covers(keys.network(c))]
         hint = self._room.get((job.hostname, version))
         if hint in usable:
-            await self._assign_affine(job, hint, await self._store.block(hint), missing())
+            await self._assign_affine(job, hint, await self._block(job, hint), missing())
             usable.remove(hint)
         if missing() and usable:
-            found = await asyncio.gather(*(self._store.block(c) for c in usable))
+            found = await asyncio.gather(*(self._block(job, c) for c in usable))
             for cidr, got in zip(usable, found, strict=True):
                 if missing():
                     await self._assign_affine(job, cidr, got, missing())
@@ -202,6 +260,12 @@ class IPAM:
         if missing():
             raise await self._exhausted(job, pools, version, None)
         return job.taken[start:]
+
+    async def _block(self, job: _Job, cidr: str) -> Versioned[Block] | None:
+        """The block as read with the inputs (once), else read now."""
+        if cidr in job.known:
+            return job.known.pop(cidr)
+        return await self._store.block(cidr)
 
     async def _assign_affine(self, job: _Job, cidr: str, got: Versioned[Block] | None,
                              num: int) -> None:
@@ -360,8 +424,11 @@ class IPAM:
     async def release_by_handle(self, handle_id: str) -> list[str]:
         return await release.release_by_handle(self._store, handle_id)
 
-    async def ips_by_handle(self, handle_id: str) -> list[str]:
-        got = await self._store.handle(sanitize_handle(handle_id))
+    async def ips_by_handle(self, handle_id: str,
+                            handle: Versioned[Handle] | _Unread | None = UNREAD) -> list[str]:
+        """The addresses a handle holds; `handle`: the handle as the caller already read it."""
+        got = (await self._store.handle(sanitize_handle(handle_id)) if isinstance(handle, _Unread)
+               else handle)
         if got is None:
             return []
         blocks = await asyncio.gather(*(self._store.block(c) for c in sorted(got[0].block)))

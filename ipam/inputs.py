@@ -1,5 +1,5 @@
 """What one IPAM request needs to know besides the blocks: config, pools, reservations, the
-node's labels and the namespace's labels, read concurrently (I/O).
+node's labels and the namespace's labels, read in one request (I/O).
 
 Pools and reservations are the v3 resources Tabby stores (already validated and defaulted);
 node labels come from the Node resource (none when there is no Node), namespace labels from
@@ -8,13 +8,13 @@ the namespace's profile `kns.<ns>` (`pcns.`-prefixed in `labelsToApply`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
 
-from datastore.etcd import Datastore
+from datastore.etcd import KV, Datastore
 from datastore.kinds import kind_for
+from datastore.reads import ReadBatch, ReadResult
 from ipam.keys import CONFIG_KEY
 from ipam.pools import Pool, Reservations
 from ipam.records import IPAMConfig, decode
@@ -36,22 +36,71 @@ class Inputs:
 
 
 async def read_inputs(ds: Datastore, hostname: str, namespace: str | None = None) -> Inputs:
-    config, pools, reservations, node, ns = await asyncio.gather(
-        read_config(ds), read_pools(ds), read_reservations(ds),
-        node_labels(ds, hostname), namespace_labels(ds, namespace))
-    return Inputs(config[0], pools, reservations, node, ns)
+    """Everything in one read (`datastore.reads`), at one revision."""
+    batch = ReadBatch()
+    queue_inputs(batch, hostname, namespace)
+    return inputs_from(await batch.run(ds), hostname, namespace)
+
+
+def queue_inputs(batch: ReadBatch, hostname: str, namespace: str | None = None) -> None:
+    """Add what `inputs_from` needs to a batch of reads."""
+    batch.get(CONFIG_KEY)
+    batch.list(POOL_PREFIX)
+    batch.list(RESERVATION_PREFIX)
+    batch.get(_node_key(hostname))
+    if namespace:
+        batch.get(_profile_key(namespace))
+
+
+def inputs_from(result: ReadResult, hostname: str, namespace: str | None = None) -> Inputs:
+    return Inputs(
+        _config(result.get(CONFIG_KEY))[0], _pools(result.list(POOL_PREFIX)),
+        _reservations(result.list(RESERVATION_PREFIX)),
+        _node_labels(result.get(_node_key(hostname))),
+        _namespace_labels(result.get(_profile_key(namespace)) if namespace else None))
 
 
 async def read_config(ds: Datastore) -> tuple[IPAMConfig, int | None]:
     """The config and its revision; Calico's defaults (and None) when it was never written."""
-    kv = await ds.get(CONFIG_KEY)
+    return _config(await ds.get(CONFIG_KEY))
+
+
+async def read_pools(ds: Datastore) -> list[Pool]:
+    return _pools((await ds.list(POOL_PREFIX))[0])
+
+
+async def read_reservations(ds: Datastore) -> Reservations:
+    return _reservations((await ds.list(RESERVATION_PREFIX))[0])
+
+
+async def node_labels(ds: Datastore, hostname: str) -> dict[str, str]:
+    return _node_labels(await ds.get(_node_key(hostname)))
+
+
+async def namespace_labels(ds: Datastore, namespace: str | None) -> dict[str, str]:
+    if not namespace:
+        return {}
+    return _namespace_labels(await ds.get(_profile_key(namespace)))
+
+
+# -- decoding (pure) ----------------------------------------------------------------------------
+
+
+def _node_key(hostname: str) -> str:
+    return kind_for("Node").key(hostname)
+
+
+def _profile_key(namespace: str) -> str:
+    return kind_for("Profile").key(f"kns.{namespace}")
+
+
+def _config(kv: KV | None) -> tuple[IPAMConfig, int | None]:
     if kv is None:
         return IPAMConfig(), None
     return IPAMConfig.from_json(decode(kv.value)), kv.mod_revision
 
 
-async def read_pools(ds: Datastore) -> list[Pool]:
-    kvs, _ = await ds.list(POOL_PREFIX)
+def _pools(kvs: list[KV]) -> list[Pool]:
     pools = []
     for kv in kvs:
         try:
@@ -61,8 +110,7 @@ async def read_pools(ds: Datastore) -> list[Pool]:
     return sorted(pools, key=lambda p: p.name)
 
 
-async def read_reservations(ds: Datastore) -> Reservations:
-    kvs, _ = await ds.list(RESERVATION_PREFIX)
+def _reservations(kvs: list[KV]) -> Reservations:
     objs = []
     for kv in kvs:
         try:
@@ -72,17 +120,13 @@ async def read_reservations(ds: Datastore) -> Reservations:
     return Reservations.from_resources(objs)
 
 
-async def node_labels(ds: Datastore, hostname: str) -> dict[str, str]:
-    kv = await ds.get(kind_for("Node").key(hostname))
+def _node_labels(kv: KV | None) -> dict[str, str]:
     if kv is None:
         return {}
     return dict((json.loads(kv.value).get("metadata") or {}).get("labels") or {})
 
 
-async def namespace_labels(ds: Datastore, namespace: str | None) -> dict[str, str]:
-    if not namespace:
-        return {}
-    kv = await ds.get(kind_for("Profile").key(f"kns.{namespace}"))
+def _namespace_labels(kv: KV | None) -> dict[str, str]:
     if kv is None:
         return {}
     labels = (json.loads(kv.value).get("spec") or {}).get("labelsToApply") or {}

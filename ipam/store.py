@@ -11,7 +11,17 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from datastore.etcd import AlreadyExists, Conflict, Create, Datastore, Delete, NotFound, Op, Update
+from datastore.etcd import (
+    KV,
+    AlreadyExists,
+    Conflict,
+    Create,
+    Datastore,
+    Delete,
+    NotFound,
+    Op,
+    Update,
+)
 from ipam import keys
 from ipam.block import Block
 from ipam.errors import IPAMError
@@ -41,11 +51,7 @@ class Store:
     # -- reads --
 
     async def block(self, cidr: str) -> Versioned[Block] | None:
-        kv = await self.ds.get(keys.block_key(cidr))
-        if kv is None:
-            return None
-        block = _read(kv.key, kv.value, Block.from_json)
-        return None if block.deleted else (block, kv.mod_revision)
+        return block_from(await self.ds.get(keys.block_key(cidr)))
 
     async def blocks(self, version: int | None = None) -> dict[str, Versioned[Block]]:
         kvs, _ = await self.ds.list(keys.block_prefix(version))
@@ -66,18 +72,10 @@ class Store:
 
     async def host_affinities(self, host: str) -> dict[str, Versioned[Affinity]]:
         """The host's affinities of both families, by block CIDR, in key order."""
-        kvs, _ = await self.ds.list(keys.host_prefix(host))
-        out: dict[str, Versioned[Affinity]] = {}
-        for kv in kvs:
-            parsed = keys.parse_affinity_key(kv.key)
-            affinity = _parse(kv.key, kv.value, Affinity.from_json) if parsed else None
-            if parsed and affinity is not None and not affinity.deleted:
-                out[parsed[1]] = (affinity, kv.mod_revision)
-        return out
+        return affinities_from((await self.ds.list(keys.host_prefix(host)))[0])
 
     async def handle(self, handle_id: str) -> Versioned[Handle] | None:
-        kv = await self.ds.get(keys.handle_key(handle_id))
-        return (_read(kv.key, kv.value, Handle.from_json), kv.mod_revision) if kv else None
+        return handle_from(await self.ds.get(keys.handle_key(handle_id)))
 
     # -- writes --
 
@@ -90,6 +88,31 @@ class Store:
             self.stats["cas_conflicts"] += 1
             log.debug("IPAM write refused: %s", refusal)
             return refusal
+
+
+# -- decoding what was read (also from a batch of reads, datastore.reads) -----------------------
+
+
+def block_from(kv: KV | None) -> Versioned[Block] | None:
+    if kv is None:
+        return None
+    block = _read(kv.key, kv.value, Block.from_json)
+    return None if block.deleted else (block, kv.mod_revision)
+
+
+def affinities_from(kvs: Sequence[KV]) -> dict[str, Versioned[Affinity]]:
+    """A listing of `keys.host_prefix(host)`: the host's affinities by block CIDR."""
+    out: dict[str, Versioned[Affinity]] = {}
+    for kv in kvs:
+        parsed = keys.parse_affinity_key(kv.key)
+        affinity = _parse(kv.key, kv.value, Affinity.from_json) if parsed else None
+        if parsed and affinity is not None and not affinity.deleted:
+            out[parsed[1]] = (affinity, kv.mod_revision)
+    return out
+
+
+def handle_from(kv: KV | None) -> Versioned[Handle] | None:
+    return (_read(kv.key, kv.value, Handle.from_json), kv.mod_revision) if kv else None
 
 
 # -- op builders -------------------------------------------------------------------------------

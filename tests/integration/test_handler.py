@@ -560,3 +560,43 @@ def test_fallback_child_process(lab: Harness) -> None:
                              env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]},
                              input=b'{"cniVersion":"0.4.0"}', capture_output=True, timeout=60)
     assert json.loads(version.stdout)["cniVersion"] == "0.4.0"
+
+
+def test_endpoint_write_guarded_by_an_earlier_read(etcd_server: EtcdServer) -> None:
+    """wep.write with the key as read before: a Create/Update guarded by that read; when the
+    key changed since, the ordinary apply takes over (uid and creationTimestamp kept)."""
+    from cni import wep
+    from datastore.etcd import Datastore
+
+    w = wep.Workload(NODE, "k8s", "guarded", "pod-1", "c" * 64, "eth0", "cali0123456789a",
+                     NET)
+
+    async def go() -> None:
+        async with Datastore(etcd_server.config()) as ds:
+            store = ResourceStore(ds)
+            if await ds.get(w.key) is not None:
+                await ds.delete(w.key)
+            first = await wep.write(store, wep.build(w, None, ["10.1.0.1"], "02:00:00:00:00:01"),
+                                    None)
+            kv = await ds.get(w.key)
+            assert kv is not None and first["metadata"]["resourceVersion"] == str(kv.mod_revision)
+            uid = first["metadata"]["uid"]
+            # read as absent, but it exists by now: the Create is refused, apply replaces it
+            second = await wep.write(store, wep.build(w, None, ["10.1.0.2"], "02:00:00:00:00:02"),
+                                     None)
+            assert second["metadata"]["uid"] == uid
+            # read at an old revision: the Update is refused, apply replaces it
+            third = await wep.write(store, wep.build(w, None, ["10.1.0.3"], "02:00:00:00:00:03"),
+                                    kv)
+            assert third["metadata"]["uid"] == uid
+            # read at the current revision: one guarded Update
+            fourth = await wep.write(store, wep.build(w, None, ["10.1.0.4"], "02:00:00:00:00:04"),
+                                     await ds.get(w.key))
+            stored = wep.resource(await ds.get(w.key))
+            assert stored is not None
+            assert stored["metadata"]["uid"] == fourth["metadata"]["uid"] == uid
+            assert stored["metadata"]["creationTimestamp"] == first["metadata"]["creationTimestamp"]
+            assert stored["spec"]["ipNetworks"] == ["10.1.0.4/32"]
+            await ds.delete(w.key)
+
+    asyncio.run(go())

@@ -397,3 +397,66 @@ def test_an_empty_block_of_another_host_is_reclaimed_after_a_minute(server: Etcd
         assert set(state.affinities) == {("node-b", "10.9.0.0/26")}
         check_consistent(state)
     run(server, go)
+
+
+# -- reads made in one request (datastore.reads) and handed to auto_assign -----------------
+
+
+def test_read_batch_gets_and_lists_at_one_revision(server: EtcdServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from datastore import etcd as etcd_module
+    from datastore.reads import ReadBatch
+
+    monkeypatch.setattr(etcd_module, "LIST_PAGE", 2)  # a listing longer than a page is finished
+
+    async def go(ds: Datastore) -> None:
+        for i in range(5):
+            await ds.commit([Put(f"/calico/test/list/{i}", str(i).encode())])
+        await ds.commit([Put("/calico/test/one", b"1")])
+        result = await ReadBatch(gets=["/calico/test/one", "/calico/test/none"],
+                                       lists=["/calico/test/list/", "/calico/test/empty/"]).run(ds)
+        kv = result.get("/calico/test/one")
+        assert kv is not None and kv.value == b"1"
+        assert result.get("/calico/test/none") is None
+        assert [kv.value for kv in result.list("/calico/test/list/")] == [
+            str(i).encode() for i in range(5)]
+        assert result.list("/calico/test/empty/") == []
+        assert result.revision == await ds.revision()
+    run(server, go)
+
+
+def test_prefetched_block_that_changed_meanwhile_is_read_again(server: EtcdServer) -> None:
+    """auto_assign with reads made earlier: a block written since fails the CAS, is read again
+    and the addresses stay distinct."""
+    from datastore.reads import ReadBatch
+
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "p", "10.244.0.0/24", 26)
+        ipam = IPAM(ds)
+        first = await ipam.auto_assign(req("h1"))  # claims the block, remembered as the hint
+        batch = ReadBatch()
+        ipam.queue_assign_reads(batch, "node-a", "h3")
+        prefetched = ipam.assign_reads(await batch.run(ds), "node-a", "h3")
+        assert list(prefetched.blocks) == [str(first.ipv4[0].network)]
+        second = await IPAM(ds).auto_assign(req("h2"))  # another writer moves the block on
+        third = await ipam.auto_assign(req("h3"), prefetched=prefetched)
+        got = {first.ipv4[0].ip, second.ipv4[0].ip, third.ipv4[0].ip}
+        assert len(got) == 3
+        assert ipam.stats["cas_conflicts"] == 1
+        check_consistent(await read_state(ds))
+    run(server, go)
+
+
+def test_a_pool_added_is_used_by_the_next_assignment(server: EtcdServer) -> None:
+    """Nothing of the pools is kept between requests: a new pool (and a disabled old one) is
+    seen by the very next auto_assign of the same allocator."""
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "a", "10.244.0.0/24", 26)
+        ipam = IPAM(ds)
+        got = await ipam.auto_assign(req("h1"))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.244.0.0/24")
+        await add_pool(ds, "a", "10.244.0.0/24", 26, disabled=True)
+        await add_pool(ds, "b", "10.245.0.0/24", 26)
+        got = await ipam.auto_assign(req("h2"))
+        assert got.ipv4[0].ip in ipaddress.ip_network("10.245.0.0/24")
+    run(server, go)
