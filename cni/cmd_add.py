@@ -1,0 +1,257 @@
+"""ADD: allocate the addresses, plumb the pod while writing its WorkloadEndpoint, answer the
+result; a failure after the allocation undoes what was done (see cni.handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cni import annotations as calico_annotations
+from cni import delegate, plumbing, spec, wep
+from cni.cmd_del import _drop_pending, _release
+from cni.context import Ctx
+from cni.ipam_plugin import Context as IpamContext
+from cni.ipam_plugin import _assign_requested, allocation_attrs, requested_ips
+from cni.spec import CNIError
+from datastore.etcd import KV
+from datastore.kinds import kind_for
+from datastore.reads import ReadBatch, ReadResult
+from ipam.allocator import AssignRequest, Prefetched
+
+ROLLBACK_TIMEOUT = 10.0
+
+CLUSTER_INFO = kind_for("ClusterInformation")
+
+
+@dataclass
+class _Allocation:
+    result: dict[str, Any]  # internal 1.x shape from the IPAM (ips, routes, dns)
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]  # /32 and /128
+    new: bool  # allocated by this request (so released if it fails)
+
+
+async def cmd_add(ctx: Ctx) -> dict[str, Any]:
+    req, conf, svc, w = ctx.req, ctx.conf, ctx.svc, ctx.workload
+    if not os.path.exists(req.netns):
+        raise CNIError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS={req.netns} does not exist",
+                       "the runtime must create the sandbox's network namespace before ADD")
+    _ = w.name  # a name Calico cannot form fails here, before anything is allocated
+    _drop_pending(ctx)  # this attachment is live again: an old pending DEL must not undo it
+    reads, mtu = await asyncio.gather(_read_for_add(ctx), _mtu(ctx))
+    _check_datastore_ready(reads.get(CLUSTER_INFO.key("default")))
+    pod = wep.resource(reads.get(pod_key)) if (pod_key := wep.pod_key(w)) else None
+    ns_obj = wep.resource(reads.get(ns_key)) if (ns_key := wep.namespace_key(w)) else None
+    prefetched = (svc.ipam.assign_reads(reads, ctx.node, ctx.handle, _ipam_namespace(ctx))
+                  if conf.in_process_ipam else None)
+    held = await _held(ctx, prefetched)
+    if pod and (pod.get("spec") or {}).get("hostNetwork"):
+        raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
+                       "host-network pods get no CNI attachment")
+    # the pod MAC is chosen here, so the endpoint can be written while the pod is plumbed
+    mac = _requested_mac(req, pod) or random_mac()
+    allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key))
+    plumb = write = None
+    try:
+        pod_if = plumbing.PodInterface(
+            netns=req.netns, container_ifname=req.ifname, host_ifname=w.host_ifname,
+            addresses=tuple(allocation.addresses), mtu=mtu, mac=mac,
+            allow_ip_forwarding=conf.allow_ip_forwarding)
+        endpoint = wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
+        plumb = asyncio.ensure_future(asyncio.to_thread(plumbing.setup, pod_if, ctx.host_netns))
+        write = asyncio.ensure_future(wep.write(svc.store, endpoint, reads.get(w.key)))
+        plumbed, _ = await asyncio.gather(plumb, write)
+    except BaseException:
+        # gather leaves the other one running: let it finish, then undo what both did
+        started = [t for t in (plumb, write) if t is not None]
+        if started:
+            await asyncio.wait(started)
+        written = write is not None and not write.cancelled() and write.exception() is None
+        await _rollback(ctx, allocation, endpoint_written=written)
+        raise
+    ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
+                 w.host_ifname, req.netns, req.ifname, ", ".join(map(str, allocation.addresses)),
+                 mtu, w.namespace, w.name)
+    return _result(ctx, allocation, plumbed)
+
+
+async def _read_for_add(ctx: Ctx) -> ReadResult:
+    """Everything ADD reads before it writes, in one etcd request at one revision: the
+    ClusterInformation, the endpoint's key, the Pod and its Namespace, and (Tabby's IPAM)
+    what the allocator reads first (`IPAM.queue_assign_reads`)."""
+    w = ctx.workload
+    batch = ReadBatch(gets=[CLUSTER_INFO.key("default"), w.key])
+    for key in (wep.pod_key(w), wep.namespace_key(w)):
+        if key:
+            batch.get(key)
+    if ctx.conf.in_process_ipam:
+        ctx.svc.ipam.queue_assign_reads(batch, ctx.node, ctx.handle, _ipam_namespace(ctx))
+    return await batch.run(ctx.svc.ds)
+
+
+def _ipam_namespace(ctx: Ctx) -> str | None:
+    """The namespace whose labels the pools' namespaceSelectors see."""
+    return ctx.workload.namespace if ctx.workload.is_k8s else None
+
+
+async def _held(ctx: Ctx, prefetched: Prefetched | None) -> list[str]:
+    """Addresses this attachment's handle already holds (a repeated ADD), Tabby's IPAM only."""
+    if prefetched is None:
+        return []
+    return await ctx.svc.ipam.ips_by_handle(ctx.handle, prefetched.handle)
+
+
+async def _mtu(ctx: Ctx) -> int:
+    if ctx.conf.mtu:
+        return ctx.conf.mtu
+    return await ctx.svc.pod_mtu(ctx.conf.mtu_overhead, ctx.host_netns)
+
+
+def _check_datastore_ready(kv: KV | None) -> None:
+    """Calico refuses ADD while ClusterInformation (`kv`) says the datastore is not ready."""
+    if kv is None:
+        return
+    with contextlib.suppress(ValueError, AttributeError):
+        if json.loads(kv.value).get("spec", {}).get("datastoreReady") is False:
+            raise CNIError(spec.TRY_AGAIN_LATER, "the datastore is not ready "
+                           "(ClusterInformation default: datastoreReady false)",
+                           "an upgrade or restore is in progress; the runtime will retry")
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC, as the kernel's eth_random_addr() makes."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _requested_mac(req: spec.Request, pod: dict[str, Any] | None) -> str | None:
+    """runtimeConfig `mac`, then CNI_ARGS `MAC=` (podman), then Calico's hwAddr annotation."""
+    annotations = calico_annotations.annotations_of(pod)
+    for source, value in (("runtimeConfig.mac", req.runtime_config.get("mac")),
+                          ("CNI_ARGS MAC", req.args.get("MAC")),
+                          ("annotation cni.projectcalico.org/hwAddr",
+                           annotations.get("cni.projectcalico.org/hwAddr"))):
+        if not value:
+            continue
+        text = str(value).strip().lower().replace("-", ":")
+        octets = text.split(":")
+        if len(octets) != 6 or not all(len(o) == 2 for o in octets) or \
+                any(c not in "0123456789abcdef:" for c in text):
+            raise CNIError(spec.INVALID_CONFIG, f"{source}: {value!r} is not a MAC address",
+                           "e.g. 02:42:0a:f4:00:05")
+        if int(octets[0], 16) & 1:
+            raise CNIError(spec.INVALID_CONFIG, f"{source}: {value} is a multicast MAC",
+                           "the first octet must be even")
+        return text
+    return None
+
+
+async def _allocate(ctx: Ctx, held: list[str], pod: dict[str, Any] | None,
+                    ns_obj: dict[str, Any] | None, prefetched: Prefetched | None,
+                    endpoint_kv: KV | None) -> _Allocation:
+    req, conf = ctx.req, ctx.conf
+    if conf.in_process_ipam:
+        if held:
+            ctx.log.info("handle %s already holds %s (repeated ADD); keeping it", ctx.handle,
+                         ", ".join(held))
+            return _allocation({"ips": [{"address": a} for a in held]}, new=False)
+        addresses = await _assign(ctx, pod, ns_obj, prefetched)
+        ctx.log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
+        return _allocation({"ips": [{"address": a} for a in addresses]}, new=True)
+    existing = wep.resource(endpoint_kv)
+    if existing and (existing["spec"].get("containerID") == req.container_id
+                     and existing["spec"].get("ipNetworks")):
+        nets = existing["spec"]["ipNetworks"]
+        ctx.log.info("endpoint of this container already has %s (repeated ADD); keeping them",
+                     ", ".join(nets))
+        return _allocation({"ips": [{"address": n} for n in nets]}, new=False)
+    result = await delegate.add(conf.ipam_type, ctx.stdin, ctx.environ, req.path, req.version)
+    ctx.log.info("IPAM plugin %s assigned %s", conf.ipam_type,
+                 ", ".join(ip["address"] for ip in result["ips"]))
+    return _allocation(result, new=True)
+
+
+def _allocation(result: dict[str, Any], new: bool) -> _Allocation:
+    addresses = []
+    for ip in result.get("ips", []):
+        iface = ipaddress.ip_interface(ip["address"])
+        addresses.append(ipaddress.ip_interface(f"{iface.ip}/{iface.max_prefixlen}"))
+    return _Allocation(result, addresses, new)
+
+
+async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] | None,
+                  prefetched: Prefetched | None) -> list[str]:
+    """tabby-ipam's ADD without its host lock (the daemon serves many requests in parallel;
+    every write is a compare-and-swap anyway)."""
+    req, conf, w = ctx.req, ctx.conf.ipam_conf, ctx.workload
+    pod_ann = calico_annotations.annotations_of(pod)
+    ns_ann = calico_annotations.annotations_of(ns_obj)
+    pod_name = f"{w.namespace}/{w.pod}"
+    wanted = (requested_ips(req.config, req.args)
+              or calico_annotations.requested_addresses(pod_ann, pod_name))
+    attrs = allocation_attrs(ctx.node, req.args, time.time_ns())
+    if wanted:
+        ipam_ctx = IpamContext(req, conf, ctx.node, ctx.log)
+        return await _assign_requested(ipam_ctx, ctx.svc.ipam, wanted, attrs)
+    if not (conf.assign_ipv4 or conf.assign_ipv6):
+        raise CNIError(spec.INVALID_CONFIG, "invalid network config: ipam assigns nothing: "
+                       "assign_ipv4 and assign_ipv6 are both false")
+    v4_pools = calico_annotations.pools(pod_ann, ns_ann, calico_annotations.IPV4_POOLS,
+                                        pod_name, w.namespace) or conf.ipv4_pools
+    v6_pools = calico_annotations.pools(pod_ann, ns_ann, calico_annotations.IPV6_POOLS,
+                                        pod_name, w.namespace) or conf.ipv6_pools
+    got = await ctx.svc.ipam.auto_assign(AssignRequest(
+        handle_id=ctx.handle, hostname=ctx.node, num_v4=int(conf.assign_ipv4),
+        num_v6=int(conf.assign_ipv6), attrs=attrs, ipv4_pools=v4_pools, ipv6_pools=v6_pools,
+        namespace=_ipam_namespace(ctx)), prefetched=prefetched)
+    return [str(a) for a in [*got.ipv4, *got.ipv6]]
+
+
+async def _rollback(ctx: Ctx, allocation: _Allocation, endpoint_written: bool) -> None:
+    """Undo a failed ADD: the veth, the endpoint, then the addresses it allocated (each
+    bounded, best effort: the runtime's DEL finishes whatever is left)."""
+    req, w = ctx.req, ctx.workload
+    try:
+        await asyncio.wait_for(asyncio.to_thread(
+            plumbing.teardown, req.netns, req.ifname, w.host_ifname, ctx.host_netns),
+            ROLLBACK_TIMEOUT)
+    except Exception as e:
+        ctx.log.error("could not remove the veth after the failure: %s", e)
+    if endpoint_written:
+        try:
+            await asyncio.wait_for(wep.delete_if_owned(
+                ctx.svc.store, w.name, w.namespace, w.container_id), ROLLBACK_TIMEOUT)
+        except Exception as e:
+            ctx.log.error("could not delete the WorkloadEndpoint after the failure: %s", e)
+    if not allocation.new:
+        return
+    try:
+        await asyncio.wait_for(_release(ctx), ROLLBACK_TIMEOUT)
+        ctx.log.info("released %s after the failure", ", ".join(map(str, allocation.addresses)))
+    except Exception as e:  # the runtime's DEL releases the handle anyway
+        ctx.log.error("could not release %s after the failure: %s",
+                      ", ".join(map(str, allocation.addresses)), e)
+
+
+def _result(ctx: Ctx, allocation: _Allocation, plumbed: plumbing.Plumbed) -> dict[str, Any]:
+    """Calico's result: [host veth, pod interface], addresses on interface 1, no gateway."""
+    pod_iface: dict[str, Any] = {"name": plumbed.container_ifname, "mac": plumbed.container_mac,
+                                 "sandbox": plumbed.netns}
+    if spec.version_at_least(ctx.req.version, "1.1.0"):
+        pod_iface["mtu"] = plumbed.mtu
+    result = {
+        "cniVersion": spec.CURRENT_VERSION,
+        "interfaces": [{"name": plumbed.host_ifname, "mac": plumbed.host_mac}, pod_iface],
+        "ips": [{"address": str(a), "interface": 1} for a in allocation.addresses],
+        "routes": allocation.result.get("routes") or [],
+        "dns": allocation.result.get("dns") or {},
+    }
+    return spec.convert_result(result, ctx.req.version)
+
