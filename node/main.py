@@ -1,10 +1,12 @@
-"""tabby-node: the per-node daemon (today the CNI service; felix and BGP join in later issues).
+"""tabby-node: the per-node daemon: the CNI service and the felix agent (BGP joins later).
 
 Start order: logging, node name, etcd config, the CNI socket (serving at once: VERSION and
-the in-daemon handler need no etcd), the health endpoint, then in the background the Node /
-ClusterInformation registration (retried until etcd answers) and the periodic replay of DELs
-spooled while etcd was down. SIGTERM/SIGINT stop it cleanly: the socket stops accepting,
-running requests get DRAIN_TIMEOUT to finish, the socket file is removed.
+the in-daemon handler need no etcd), the health endpoint, the felix agent as a supervised
+child process (`python -m felix.agent`, in this process's network namespace; `--no-felix`
+leaves it out), then in the background the Node / ClusterInformation registration (retried
+until etcd answers) and the periodic replay of DELs spooled while etcd was down. SIGTERM/SIGINT
+stop it cleanly: felix is stopped (its rules stay), the socket stops accepting, running
+requests get DRAIN_TIMEOUT to finish, the socket file is removed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from node.cni_service import (
     probe,
 )
 from node.health import DEFAULT_PORT, HealthServer
+from node.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from datastore.config import EtcdConfig
@@ -43,6 +46,7 @@ DEFAULT_SPOOL = "/var/lib/tabby/pending-del"  # = cni.handler.DEFAULT_SPOOL
 REPLAY_INTERVAL = 30.0
 RETRY_MAX = 30.0
 NOISY_LOGGERS = ("pyroute2", "grpc", "aetcd", "asyncio")
+FELIX_METRICS_PORT = 9091  # = felix.metrics.DEFAULT_PORT (not imported: keeps startup light)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +79,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"CNI requests handled at once (default {CONCURRENCY})")
     p.add_argument("--replay-interval", type=float, default=REPLAY_INTERVAL,
                    help=f"seconds between replays of spooled DELs (default {REPLAY_INTERVAL:g})")
+    p.add_argument("--no-felix", action="store_true",
+                   help="do not run the felix agent (no iptables/ipset programming)")
+    p.add_argument("--felix-metrics-port", type=int, default=FELIX_METRICS_PORT,
+                   help="felix's /metrics and /readiness on 127.0.0.1 "
+                        f"(default {FELIX_METRICS_PORT}; 0: none)")
     return p.parse_args(argv)
+
+
+def felix_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
+    """The felix agent's command line: this node, the same etcd settings and log directory."""
+    argv = [sys.executable, "-m", "felix.agent", "--nodename", nodename,
+            "--log-level", opts.log_level, "--metrics-port", str(opts.felix_metrics_port),
+            "--exit-with-parent"]
+    if opts.etcd_endpoints:
+        argv += ["--etcd-endpoints", opts.etcd_endpoints]
+    elif opts.config:
+        argv += ["--config", opts.config]
+    if opts.log_file:
+        argv += ["--log-file", str(Path(opts.log_file).with_name("felix.log"))]
+    return argv
 
 
 def setup_logging(log_file: str, level: str) -> logging.Logger:
@@ -137,21 +160,28 @@ class NodeAgent:
         self.cni = CniService(opts.socket, self.cache, timeout=opts.request_timeout,
                               concurrency=opts.concurrency, log=logging.getLogger("tabby.cni"))
         self.health: HealthServer | None = None
+        self.felix: Supervisor | None = None
+        if not opts.no_felix:
+            self.felix = Supervisor("felix", felix_argv(opts, nodename),
+                                    logging.getLogger("tabby.supervisor"))
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.cni.start()
         if self.opts.health_port:
-            self.health = HealthServer(self.opts.health_port,
-                                       {"etcd": self._etcd_ready, "cni": self._cni_ready})
+            checks = {"etcd": self._etcd_ready, "cni": self._cni_ready}
+            if self.felix is not None:
+                checks["felix"] = self.felix.check
+            self.health = HealthServer(self.opts.health_port, checks)
             await self.health.start()
+        if self.felix is not None:  # BGP joins here later, as another Supervisor
+            self.felix.start()
         self._tasks.append(asyncio.create_task(self._retrying("registration", self._register)))
         self._tasks.append(asyncio.create_task(self._replay_loop()))
-        # Later issues start felix and BGP here as supervised child processes (one supervisor
-        # per process: restart with backoff, readiness checks added to self.health) and stop
-        # them in stop() before the CNI service.
 
     async def stop(self) -> None:
+        if self.felix is not None:
+            await self.felix.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

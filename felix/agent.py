@@ -1,0 +1,346 @@
+"""The felix agent: store -> policy calculation -> rendering -> kernel, for one node.
+
+`python -m felix.agent --nodename N [--etcd-endpoints URLS | -c FILE]` programs iptables and
+ipsets in the network namespace it runs in (tabby-node starts it there as a child process).
+
+One watch on the Calico resource prefix feeds an in-memory mirror of the store (`felix.mirror`);
+a full listing (at start and after a compaction) replaces it. Changes are coalesced
+(`felix.sync_state`): a burst becomes one sync, which renders everything for this node and
+applies it (`felix.dataplane.apply_dataplane`). Nothing is written before the first listing is
+loaded, so a restarted agent leaves the previous rules in place until the new state replaces
+them; stale Tabby chains and sets are swept only after the first complete sync. A failed sync
+is logged and retried with backoff; the loop never dies of it. A drift check re-reads the
+kernel periodically and repairs what someone else changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from datastore.etcd import Event, Resync
+from datastore.snapshot import Resource
+from felix.agent_config import merged_felix_spec, render_config
+from felix.calc import PolicyIndex
+from felix.dataplane import ApplyStats, DataplaneState, apply_dataplane
+from felix.metrics import DEFAULT_PORT, Metrics, MetricsServer
+from felix.mirror import WATCH_PREFIX, StoreMirror, build_snapshot
+from felix.render import local_endpoints, render_with_report
+from felix.render_config import RenderConfig
+from felix.sync_state import WINDOW, SyncState
+
+log = logging.getLogger("tabby.felix")
+
+DRIFT_TICK = 1.0  # s between due-only drift checks (cheap: nothing is read unless due)
+DRIFT_INTERVAL = 10.0  # s between full re-reads of every table and set
+WATCH_RETRY_MAX = 10.0
+NOISY_LOGGERS = ("grpc", "aetcd", "asyncio")
+
+WatchSource = Callable[[], AsyncIterator[Event | Resync]]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    stats: ApplyStats
+    rules: int
+    members: int
+    sets: int
+    endpoints: int
+    problems: tuple[str, ...]
+    render_s: float
+
+
+def sync_once(objects: Mapping[str, Resource], node: str, state: DataplaneState,
+              base: RenderConfig, *, sweep: bool) -> SyncResult:
+    """Render the whole dataplane for `node` from `objects` and apply it (blocking)."""
+    start = time.perf_counter()
+    snapshot, problems = build_snapshot(objects)
+    pools = [o for o in objects.values() if o.get("kind") == "IPPool"]
+    felix = merged_felix_spec((o for o in objects.values()
+                               if o.get("kind") == "FelixConfiguration"), node)
+    config = render_config(pools, felix, base)
+    index = PolicyIndex(snapshot)
+    result = render_with_report(index, node, config)
+    render_s = time.perf_counter() - start
+    stats = apply_dataplane(result.dataplane, state, sweep=sweep)
+    dp = result.dataplane
+    workloads, hosts = local_endpoints(index, node)
+    return SyncResult(
+        stats=stats,
+        rules=sum(len(c.rules) for t in dp.tables.values() for c in t.chains.values())
+        + sum(len(t.hooks) for t in dp.tables.values()),
+        members=sum(len(s.members) for s in dp.ipsets.values()),
+        sets=len(dp.ipsets),
+        endpoints=len(workloads) + len(hosts),
+        problems=tuple(map(str, problems)) + tuple(map(str, result.problems)),
+        render_s=render_s,
+    )
+
+
+class FelixAgent:
+    """The watch task and the dataplane worker of one node."""
+
+    def __init__(self, node: str, source: WatchSource, dataplane: DataplaneState, *,
+                 metrics: Metrics | None = None, base: RenderConfig | None = None,
+                 window: float = WINDOW, drift_interval: float = DRIFT_INTERVAL,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.node = node
+        self.source = source
+        self.dataplane = dataplane
+        self.metrics = metrics or Metrics()
+        self.base = base or RenderConfig()
+        self.mirror = StoreMirror()
+        self.sync = SyncState(window=window)
+        self.drift_interval = drift_interval
+        self.on_ready = on_ready
+        self._wake = asyncio.Event()
+        self._reported: set[str] = set()
+        self._next_drift = 0.0
+        self._next_full_drift = 0.0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_loop())
+            tg.create_task(self._worker())
+
+    # -- the store side --
+
+    async def _watch_loop(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async for item in self.source():
+                    self._receive(item)
+                    delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watch ended: a new one starts from a full listing
+                log.warning("watch %s failed (%s); restarting in %.1f s", WATCH_PREFIX, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WATCH_RETRY_MAX)
+
+    def _receive(self, item: Event | Resync) -> None:
+        now = time.monotonic()
+        if isinstance(item, Resync):
+            self.mirror.resync(item.items, item.revision)
+            log.info("loaded %d objects at revision %d", len(self.mirror.objects), item.revision)
+            self.sync.loaded(now)
+        elif isinstance(item, Event) and self.mirror.event(item):
+            self.sync.changed(now)
+        else:
+            return
+        self._wake.set()
+
+    # -- the kernel side --
+
+    async def _worker(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = self.sync.due_at()
+            drift = self._next_drift if self.sync.applied_once else None
+            if due is not None and due <= now:
+                await self._sync()
+                continue
+            if drift is not None and drift <= now:
+                await self._drift(now)
+                continue
+            waits = [t - now for t in (due, drift) if t is not None]
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(waits) if waits else None)
+
+    async def _sync(self) -> None:
+        start = time.monotonic()
+        sweep = self.sync.start(start)
+        objects = dict(self.mirror.objects)  # values are replaced, never mutated: safe to share
+        revision = self.mirror.revision
+        self.metrics.inc("felix_syncs_total")
+        try:
+            result = await asyncio.to_thread(sync_once, objects, self.node, self.dataplane,
+                                             self.base, sweep=sweep)
+        except Exception as e:  # render or apply failed: the old rules stay; try again later
+            delay = self.sync.failed(time.monotonic())
+            self.metrics.inc("felix_sync_errors_total")
+            self.metrics.set("felix_in_sync", 0)
+            log.error("sync of revision %d failed (retrying in %.1f s): %s", revision, delay, e,
+                      exc_info=not isinstance(e, RuntimeError | OSError))
+            return
+        end = time.monotonic()
+        first = not self.sync.applied_once
+        self.sync.succeeded(end, swept=sweep)
+        self._record(result, revision, end - start)
+        self._report(result.problems)
+        if result.stats.wrote or first:
+            log.info("revision %d applied%s in %.0f ms (render %.0f ms): %d chains, %d rules "
+                     "written, %d restores; %d rules, %d set members programmed",
+                     revision, " (sweeping)" if sweep else " (first sync, no sweep)",
+                     (end - start) * 1000, result.render_s * 1000, result.stats.chains_written,
+                     result.stats.rules_written, result.stats.restores, result.rules,
+                     result.members)
+        if sweep and not self.sync.dirty and self.on_ready is not None:
+            self.on_ready()
+        if first:
+            self._next_drift = end + DRIFT_TICK
+            self._next_full_drift = end + self.drift_interval
+
+    def _record(self, result: SyncResult, revision: int, seconds: float) -> None:
+        m = self.metrics
+        if result.stats.wrote:
+            m.inc("felix_writes_total")
+        m.set("felix_last_sync_seconds", seconds)
+        m.set("felix_last_apply_seconds", result.stats.total_ms / 1000)
+        m.set("felix_rules_programmed", result.rules)
+        m.set("felix_ipset_members_programmed", result.members)
+        m.set("felix_ipsets_programmed", result.sets)
+        m.set("felix_local_endpoints", result.endpoints)
+        m.set("felix_render_problems", len(result.problems))
+        m.set("felix_datastore_revision", revision)
+        m.set("felix_in_sync", 1 if self.sync.in_sync else 0)
+
+    def _report(self, problems: tuple[str, ...]) -> None:
+        """Log each fail-closed object once (and again if it comes back after a fix)."""
+        current = set(problems)
+        for p in sorted(current - self._reported):
+            log.error("cannot render, enforcing DROP: %s", p)
+        for p in sorted(self._reported - current):
+            log.info("rendered again: %s", p.split(":", 1)[0])
+        self._reported = current
+
+    async def _drift(self, now: float) -> None:
+        force = now >= self._next_full_drift
+        try:
+            stats = await asyncio.to_thread(self.dataplane.check_drift, force=force)
+        except Exception as e:
+            self.metrics.inc("felix_sync_errors_total")
+            log.error("drift check failed: %s", e)
+            self.sync.failed(time.monotonic())  # a full sync rewrites whatever is off
+        else:
+            repaired = [s for s in stats if s.wrote]
+            if repaired:
+                self.metrics.inc("felix_drift_repairs_total")
+                log.warning("repaired drift in %s", ", ".join(
+                    f"v{s.family}/{s.table} ({s.chains_written} chains)" for s in repaired))
+        done = time.monotonic()
+        self._next_drift = done + DRIFT_TICK
+        if force:
+            self._next_full_drift = done + self.drift_interval
+
+
+# -- the program -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m felix.agent", description=__doc__.split("\n")[0])
+    p.add_argument("--nodename", default=os.environ.get("NODENAME"), required=False,
+                   help="this node's name (default: NODENAME)")
+    p.add_argument("-c", "--config", default=os.environ.get("TABBY_CONFIG"),
+                   help="calicoctl-style config file (default: ETCD_* from the environment, "
+                        "else /etc/tabby/tabbyctl.cfg)")
+    p.add_argument("--etcd-endpoints", help="comma list of etcd URLs (overrides --config)")
+    p.add_argument("--log-file", default="", help="log file besides stderr")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_PORT,
+                   help=f"/metrics, /liveness, /readiness on 127.0.0.1 (default {DEFAULT_PORT};"
+                        " 0: none)")
+    p.add_argument("--coalesce-ms", type=float, default=WINDOW * 1000,
+                   help=f"write at most once per this window (default {WINDOW * 1000:g})")
+    p.add_argument("--drift-interval", type=float, default=DRIFT_INTERVAL,
+                   help=f"seconds between full drift checks (default {DRIFT_INTERVAL:g})")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the parent process (tabby-node) is gone")
+    opts = p.parse_args(argv)
+    if not opts.nodename:
+        p.error("--nodename (or NODENAME) is required")
+    return opts
+
+
+def setup_logging(log_file: str, level: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.WatchedFileHandler(log_file))
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+async def _parent_gone(parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; exiting", parent)
+
+
+async def run(opts: argparse.Namespace) -> int:
+    from datastore.config import ConfigError, load_config
+    from datastore.etcd import Datastore
+    from felix.dataplane import Runner
+
+    try:
+        if opts.etcd_endpoints:
+            config = load_config(env={**os.environ, "ETCD_ENDPOINTS": opts.etcd_endpoints})
+        else:
+            config = load_config(opts.config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    metrics = Metrics()
+    server = MetricsServer(metrics, opts.metrics_port) if opts.metrics_port else None
+    ds = Datastore(config)
+    agent = FelixAgent(opts.nodename, lambda: ds.watch(WATCH_PREFIX),
+                       DataplaneState(Runner()), metrics=metrics,
+                       window=opts.coalesce_ms / 1000, drift_interval=opts.drift_interval,
+                       on_ready=lambda: setattr(server, "ready", True) if server else None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.run())]
+    if opts.exit_with_parent:
+        waits.append(asyncio.create_task(_parent_gone(os.getppid())))
+    try:
+        if server is not None:
+            await server.start()
+        log.info("felix agent for node %s (etcd %s, pid %d)", opts.nodename,
+                 ",".join(config.endpoints), os.getpid())
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # the agent itself never returns; re-raise if it crashed
+    finally:
+        for task in waits:
+            task.cancel()
+        for task in waits:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if server is not None:
+            await server.stop()
+        await ds.close()
+    log.info("stopped (the programmed rules stay in place)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    try:
+        setup_logging(opts.log_file, opts.log_level)
+    except OSError as e:
+        sys.exit(f"felix: cannot open the log file {opts.log_file}: {e.strerror or e}")
+    sys.exit(asyncio.run(run(opts)))
+
+
+if __name__ == "__main__":
+    main()
