@@ -143,3 +143,40 @@ def down(lab_name: str, state_dir: str | None) -> None:
 
     done = cluster.down(_lab(lab_name, state_dir), say=click.echo)
     click.echo(f"lab {lab_name} is down" if done else f"lab {lab_name}: nothing to remove")
+
+
+@lab.command("run")
+@click.argument("filename", type=click.Path(dir_okay=False))
+@click.option("--check", is_flag=True, help="Compare with the scenario's expectations; exit 1 "
+              "on a mismatch (pairs not probed, e.g. SCTP, are counted apart).")
+@click.option("--simulate", is_flag=True, help="Also run the simulator on the same state and "
+              "list every pair where kernel and simulator disagree (exit 1 if any).")
+@click.option("-o", "--output", "fmt", default="text", type=click.Choice(["text", "json"]))
+@_lab_options
+def run(filename: str, check: bool, simulate: bool, fmt: str, lab_name: str,
+        state_dir: str | None) -> None:
+    """Run scenario FILE with real packets: pods, policies, a probe of every pair per step.
+
+    Uses lab NAME; when it does not exist, brings it up with 3 nodes and takes it down after.
+    Everything the run creates is removed at the end, even on failure. Progress goes to stderr.
+    """
+    from lab import scenario_run
+
+    report = scenario_run.run(_lab(lab_name, state_dir), filename, simulate,
+                              say=scenario_run.stderr_say)
+    failed = False
+    if fmt == "json":
+        click.echo(json.dumps(scenario_run.to_json(report), indent=2))
+    else:
+        click.echo(scenario_run.format_text(report))
+    if check:
+        verdict = scenario_run.check(report)
+        click.echo(scenario_run.format_check(verdict))
+        failed = failed or verdict.report.failed > 0
+    if simulate:
+        found = scenario_run.disagreements(report)
+        if fmt == "text" or check:
+            click.echo(scenario_run.format_disagreements(found))
+        failed = failed or bool(found)
+    if failed:
+        sys.exit(1)
