@@ -1,13 +1,12 @@
 """`tabbyctl lab run`: a scenario with real packets on a 2-node lab, then nothing left behind.
 
-Each lab here has its own name and state dir. With the felix agent present (tabby-node starts it
-on every node) the verdicts are the kernel's real ones and must match the scenario and the
-simulator; without it only the no-policy step and the output's shape can be asserted.
+Each lab here has its own name and state dir. The felix agent (tabby-node starts it on every
+node) enforces policy, so the verdicts are the kernel's and must match the scenario and the
+simulator. The e2e part runs every scenario of tests/scenarios the same way.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from tests.conftest import require_binary
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 TABBYCTL = str(Path(sys.prefix) / "bin" / "tabbyctl")
-HAVE_AGENT = importlib.util.find_spec("felix.agent") is not None
+SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.yaml"))
 
 SCENARIO = """
 name: lab-run-small
@@ -166,19 +165,16 @@ def test_run_probes_every_step_and_cleans_up(lab: LabCli, tmp_path: Path) -> Non
     assert all(c["stable"] for c in doc["convergence"]), doc["convergence"]
     check_line = next(x for x in lines if " passed, " in x)
 
-    if HAVE_AGENT:
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert check_line == "14 passed, 0 failed, 1 not probed"
-        assert doc["disagreements"] == []
-        assert lines[-1] == "kernel and simulator agree on every probed pair"
-        assert [c["wait"] for c in doc["convergence"]] == ["agents"] * 4
-        step2 = doc["steps"][4]["matrix"]
-        assert step2["a/client"]["a/web"] == step2["b/other"]["a/web"] == "deny"
-        assert step2["a/web"]["b/other"] == "allow"
-        assert doc["steps"][5]["matrix"]["a/client"]["a/web"] == "allow"  # service account
-        assert doc["steps"][6]["matrix"]["b/other"]["a/web"] == "allow"  # namespace relabel
-    else:
-        assert check_line.endswith(" failed, 1 not probed")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert check_line == "14 passed, 0 failed, 1 not probed"
+    assert doc["disagreements"] == []
+    assert lines[-1] == "kernel and simulator agree on every probed pair"
+    assert [c["wait"] for c in doc["convergence"]] == ["agents"] * 4
+    step2 = doc["steps"][4]["matrix"]
+    assert step2["a/client"]["a/web"] == step2["b/other"]["a/web"] == "deny"
+    assert step2["a/web"]["b/other"] == "allow"
+    assert doc["steps"][5]["matrix"]["a/client"]["a/web"] == "allow"  # service account
+    assert doc["steps"][6]["matrix"]["b/other"]["a/web"] == "allow"  # namespace relabel
 
     assert leftovers(lab) == {"pods": [], "ext": [], "pools": ["10.244.0.0/16"],
                               "policies": [], "routes": []}
@@ -193,9 +189,8 @@ def test_text_output_and_check(lab: LabCli, tmp_path: Path) -> None:
     assert "step 1, TCP/80:" in out and "step 4, TCP/80:" in out
     assert "step 1 SCTP/3868: 12 pair(s), not probed: no SCTP sockets" in out
     assert "step 1 SCTP/3868: a/client -> a/web: expected allow, not probed" in out
-    if HAVE_AGENT:
-        assert done.returncode == 0, out + done.stderr
-        assert out.splitlines()[-1] == "14 passed, 0 failed, 1 not probed"
+    assert done.returncode == 0, out + done.stderr
+    assert out.splitlines()[-1] == "14 passed, 0 failed, 1 not probed"
     assert "IPPool tabby-lab-run-172-16-0-0-16 172.16.0.0/16" in done.stderr
     assert leftovers(lab)["pods"] == []
 
@@ -239,3 +234,16 @@ steps:
         assert netns.names_with_prefix(cli.lab.prefix) == []
     finally:
         cli.run("down")
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_every_scenario_passes_with_real_packets(lab: LabCli, path: Path) -> None:
+    """Issue 5's e2e acceptance: real packets agree with the expectations and the simulator."""
+    done = lab.run("run", str(path), "-o", "json", "--check", "--simulate", timeout=600)
+    doc, lines = split_output(done.stdout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert doc["disagreements"] == []
+    check_line = next(x for x in lines if " passed, " in x)
+    passed, failed = (int(check_line.split()[i]) for i in (0, 2))
+    assert failed == 0 and passed >= 10, check_line
+    assert leftovers(lab)["pods"] == []
