@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from datastore.etcd import Event, Resync
@@ -33,6 +33,7 @@ from datastore.snapshot import Resource
 from felix.agent_config import merged_felix_spec, render_config
 from felix.calc import PolicyIndex
 from felix.dataplane import ApplyStats, DataplaneState, apply_dataplane
+from felix.host_interfaces import read_host_interfaces
 from felix.metrics import DEFAULT_PORT, Metrics, MetricsServer
 from felix.mirror import WATCH_PREFIX, StoreMirror, build_snapshot
 from felix.render import local_endpoints, render_with_report
@@ -68,7 +69,8 @@ def sync_once(objects: Mapping[str, Resource], node: str, state: DataplaneState,
     pools = [o for o in objects.values() if o.get("kind") == "IPPool"]
     felix = merged_felix_spec((o for o in objects.values()
                                if o.get("kind") == "FelixConfiguration"), node)
-    config = render_config(pools, felix, base)
+    config = replace(render_config(pools, felix, base),
+                     host_interfaces=read_host_interfaces(state.runner))
     index = PolicyIndex(snapshot)
     result = render_with_report(index, node, config)
     render_s = time.perf_counter() - start

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from datastore.selector import Selector, parse
 from datastore.snapshot import Resource, Snapshot
@@ -429,6 +429,21 @@ def _applies(policy: CompiledPolicy, endpoint: Endpoint, direction: Direction) -
     return policy.selector.matches(endpoint.labels)
 
 
+# Which of a host endpoint's policy lists (Felix's tierInfoToProtoTierInfo): normal filter policy,
+# its applyOnForward subset, doNotTrack (raw) and preDNAT (mangle) policy.
+HostPolicyKind = Literal["normal", "forward", "untracked", "prednat"]
+
+
+def _host_kind(policy: CompiledPolicy, kind: HostPolicyKind) -> bool:
+    if kind == "untracked":
+        return policy.do_not_track
+    if kind == "prednat":
+        return policy.pre_dnat and not policy.do_not_track
+    if policy.pre_dnat or policy.do_not_track:
+        return False
+    return kind == "normal" or policy.apply_on_forward
+
+
 class PolicyIndex:
     """The cluster's policy state, compiled once; answers per-endpoint questions."""
 
@@ -462,6 +477,24 @@ class PolicyIndex:
         for tier in self.tiers:
             chosen = [p for p in self._by_tier[tier.name] if _applies(p, endpoint, direction)]
             if chosen:
+                out.append(TierPolicies(tier, tuple(chosen)))
+        return out
+
+    def host_tiers_for(self, endpoint: Endpoint, direction: Direction,
+                       kind: HostPolicyKind) -> list[TierPolicies]:
+        """A host endpoint's tiers of one kind; "normal" is `tiers_for`.
+
+        Untracked and preDNAT tiers never end in a drop (the filter table still decides), so
+        they carry defaultAction Pass, as Felix gives them.
+        """
+        out = []
+        for tier in self.tiers:
+            chosen = [p for p in self._by_tier[tier.name]
+                      if _host_kind(p, kind) and not p.staged and direction in p.types
+                      and p.selector.matches(endpoint.labels)]
+            if chosen:
+                if kind in ("untracked", "prednat"):
+                    tier = replace(tier, default_action="Pass")
                 out.append(TierPolicies(tier, tuple(chosen)))
         return out
 

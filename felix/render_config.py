@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from felix.rules import IPNetwork, parse_net
@@ -78,6 +78,9 @@ class RenderConfig:
     vxlan_port: int = 4789
     # raw-table strict reverse-path check for workload traffic (anti-spoofing).
     strict_rpf: bool = True
+    # The node's non-workload interfaces and their addresses ("10.0.0.5" or "10.0.0.5/24"),
+    # filled in by the agent: host endpoints naming only expectedIPs are resolved against them.
+    host_interfaces: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
     def marks(self) -> MarkBits:

@@ -1,9 +1,10 @@
 """The fixed part of Felix's chain tree and its hooks into the kernel chains (pure).
 
 Follows felix/rules/static.go for what Tabby supports: filter INPUT/FORWARD/OUTPUT, the
-workload-to-host chain, failsafe chains, raw mark clearing with the strict RPF check, and nat
-POSTROUTING for natOutgoing. IPIP/VXLAN/WireGuard host rules, IPVS, preDNAT (mangle) and
-untracked (raw) host endpoint policy are not rendered.
+workload-to-host chain, failsafe chains, raw mark clearing with the strict RPF check and the
+untracked (doNotTrack) host endpoint dispatch, mangle preDNAT and DNAT'd-egress host endpoint
+dispatch, and nat POSTROUTING for natOutgoing. IPIP/VXLAN/WireGuard host rules and IPVS are
+not rendered.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from felix.render_names import (
     FILTER_INPUT,
     FILTER_OUTPUT,
     FROM_HOST_DISPATCH,
+    FROM_HOST_FWD_DISPATCH,
     FROM_WL_DISPATCH,
     MASQ_POOLS_ID,
     NAT_OUTGOING,
@@ -25,12 +27,14 @@ from felix.render_names import (
     POSTROUTING,
     PREROUTING,
     TO_HOST_DISPATCH,
+    TO_HOST_FWD_DISPATCH,
     TO_WL_DISPATCH,
     WORKLOAD_TO_HOST,
     ipset_name,
 )
 from felix.render_rules import (
     clear_mark,
+    mark_is_clear,
     mark_is_set,
     multiport,
     set_mark,
@@ -71,8 +75,11 @@ def filter_forward(config: RenderConfig) -> Chain:
     marks, wildcard = config.marks, config.workload_wildcard
     return Chain(FILTER_FORWARD, (
         Rule(action=clear_mark(marks.all & ~marks.accept)),
+        # Host endpoint applyOnForward policy, unless preDNAT/untracked policy accepted already.
+        Rule(match=mark_is_clear(marks.accept), action=f"-j {FROM_HOST_FWD_DISPATCH}"),
         Rule(match=f"-i {wildcard}", action=f"-j {FROM_WL_DISPATCH}"),
         Rule(match=f"-o {wildcard}", action=f"-j {TO_WL_DISPATCH}"),
+        Rule(action=f"-j {TO_HOST_FWD_DISPATCH}"),
     ))
 
 
@@ -87,11 +94,23 @@ def filter_output(config: RenderConfig) -> Chain:
     ))
 
 
-def failsafe_chain(name: str, ports: tuple[tuple[str, int], ...]) -> Chain:
+Ports = tuple[tuple[str, int], ...]
+
+
+def failsafe_chain(name: str, ports: Ports, replies: Ports = ()) -> Chain:
+    """ACCEPT each failsafe destination port; in raw, also the replies from the other list's."""
     return Chain(name, tuple(
-        Rule(match=f"-p {proto} {multiport('dst', [PortRange(port, port)])}", action="-j ACCEPT")
-        for proto, port in ports
+        Rule(match=f"-p {proto} {multiport(side, [PortRange(port, port)])}", action="-j ACCEPT")
+        for side, entries in (("dst", ports), ("src", replies)) for proto, port in entries
     ))
+
+
+def failsafe_chains(config: RenderConfig, table: str) -> list[Chain]:
+    """Untracked packets have no conntrack to let replies back: raw also allows those."""
+    inbound, outbound = config.failsafe_inbound, config.failsafe_outbound
+    raw = table == "raw"
+    return [failsafe_chain(FAILSAFE_IN, inbound, outbound if raw else ()),
+            failsafe_chain(FAILSAFE_OUT, outbound, inbound if raw else ())]
 
 
 def filter_hooks(config: RenderConfig) -> tuple[Hook, ...]:
@@ -111,25 +130,52 @@ def filter_hooks(config: RenderConfig) -> tuple[Hook, ...]:
 def filter_static(config: RenderConfig, family: int) -> list[Chain]:
     return [
         filter_input(config), workload_to_host(config, family), filter_forward(config),
-        filter_output(config), failsafe_chain(FAILSAFE_IN, config.failsafe_inbound),
-        failsafe_chain(FAILSAFE_OUT, config.failsafe_outbound),
+        filter_output(config), *failsafe_chains(config, "filter"),
     ]
 
 
 def raw_static(config: RenderConfig) -> tuple[list[Chain], tuple[Hook, ...]]:
-    """Clear Felix's marks on entry; drop workload packets whose source fails strict RPF."""
+    """Clear Felix's marks on entry; drop workload packets whose source fails strict RPF;
+    send other packets through untracked host endpoint policy, accepting what it allowed."""
     marks = config.marks
-    prerouting = [Rule(action=clear_mark(marks.all))]
+    prerouting = [Rule(action=clear_mark(marks.all)),
+                  Rule(match=f"-i {config.workload_wildcard}", action=set_mark(marks.scratch0))]
     if config.strict_rpf:
-        prerouting += [
-            Rule(match=f"-i {config.workload_wildcard}", action=set_mark(marks.scratch0)),
+        prerouting.append(
             Rule(match=f"{mark_is_set(marks.scratch0)} -m rpfilter --validmark --invert",
-                 action="-j DROP", comment="Drop workload packets with a spoofed source"),
-        ]
-    chains = [Chain(PREROUTING, tuple(prerouting)),
-              Chain(OUTPUT, (Rule(action=clear_mark(marks.all)),))]
+                 action="-j DROP", comment="Drop workload packets with a spoofed source"))
+    prerouting += [Rule(match=mark_is_clear(marks.scratch0), action=f"-j {FROM_HOST_DISPATCH}"),
+                   _accept_if_accepted(config)]
+    output = (Rule(action=clear_mark(marks.all)), Rule(action=f"-j {TO_HOST_DISPATCH}"),
+              _accept_if_accepted(config))
+    chains = [Chain(PREROUTING, tuple(prerouting)), Chain(OUTPUT, output),
+              *failsafe_chains(config, "raw")]
     hooks = (Hook("PREROUTING", Rule(action=f"-j {PREROUTING}")),
              Hook("OUTPUT", Rule(action=f"-j {OUTPUT}")))
+    return chains, hooks
+
+
+def mangle_static(config: RenderConfig) -> tuple[list[Chain], tuple[Hook, ...]]:
+    """preDNAT host endpoint policy in PREROUTING (before kube-proxy's DNAT); normal egress
+    policy for DNAT'd host traffic in POSTROUTING (the filter OUTPUT chain skips it)."""
+    marks = config.marks
+    accepted = mark_is_set(marks.accept)
+    prerouting = (
+        Rule(match="-m conntrack --ctstate RELATED,ESTABLISHED", action="-j ACCEPT"),
+        Rule(match=accepted, action="-j ACCEPT"),
+        Rule(action=f"-j {FROM_HOST_DISPATCH}"),
+        Rule(match=accepted, action="-j ACCEPT", comment="Host endpoint policy accepted packet."),
+    )
+    postrouting = (
+        Rule(match=accepted, action="-j RETURN"),  # forwarded: filter FORWARD marked it
+        Rule(action=clear_mark(marks.all)),
+        Rule(match="-m conntrack --ctstate DNAT", action=f"-j {TO_HOST_DISPATCH}"),
+        Rule(match=accepted, action="-j RETURN", comment="Host endpoint policy accepted packet."),
+    )
+    chains = [*failsafe_chains(config, "mangle"), Chain(PREROUTING, prerouting),
+              Chain(POSTROUTING, postrouting)]
+    hooks = (Hook("PREROUTING", Rule(action=f"-j {PREROUTING}")),
+             Hook("POSTROUTING", Rule(action=f"-j {POSTROUTING}")))
     return chains, hooks
 
 

@@ -255,3 +255,13 @@ def test_agent_loop_first_sync_then_sweep_and_coalescing(
                 await task
 
     asyncio.run(scenario())
+
+
+def test_host_interfaces_from_ip_json_skip_pod_veths() -> None:
+    from felix.host_interfaces import parse_ip_addr_json
+
+    text = ('[{"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1"}]},'
+            ' {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "198.18.0.11"},'
+            ' {"family": "inet6", "local": "fe80::1"}]},'
+            ' {"ifname": "cali0123456789a", "addr_info": []}]')
+    assert parse_ip_addr_json(text) == {"lo": ["127.0.0.1"], "eth0": ["198.18.0.11", "fe80::1"]}
