@@ -344,6 +344,62 @@ def _walk(node: _Node) -> list[_Node]:
     return out
 
 
+_Matcher = Callable[[Mapping[str, str]], bool]
+
+
+def _always(labels: Mapping[str, str]) -> bool:
+    return True
+
+
+def _compile(node: _Node) -> _Matcher:
+    """A closure equivalent to `node.ev` (same result for every label map), built once."""
+    if isinstance(node, _All | _Global):
+        return _always
+    if isinstance(node, _Has):
+        key = node.key
+        return lambda labels: key in labels
+    if isinstance(node, _Cmp):
+        key, want = node.key, node.value
+        # `labels.get` gives None for an absent label: never == a str, always != one.
+        if node.op == "==":
+            return lambda labels: labels.get(key) == want
+        if node.op == "!=":
+            return lambda labels: labels.get(key) != want
+        op = _CMP_OPS[node.op]
+        return lambda labels: key in labels and op(labels[key], want)
+    if isinstance(node, _InSet):
+        key, values, negated = node.key, node.values, node.negated
+        # None (absent) is never in a set of str: absent gives `negated`, as `ev` does.
+        if negated:
+            return lambda labels: labels.get(key) not in values
+        return lambda labels: labels.get(key) in values
+    if isinstance(node, _Not):
+        inner = _compile(node.operand)
+        return lambda labels: not inner(labels)
+    parts = tuple(map(_compile, node.operands))
+    if isinstance(node, _And):
+        if len(parts) == 2:
+            a, b = parts
+            return lambda labels: a(labels) and b(labels)
+
+        def conj(labels: Mapping[str, str]) -> bool:
+            return all(p(labels) for p in parts)
+        return conj
+    if len(parts) == 2:
+        a, b = parts
+        return lambda labels: a(labels) or b(labels)
+
+    def disj(labels: Mapping[str, str]) -> bool:
+        return any(p(labels) for p in parts)
+    return disj
+
+
+def _conjuncts(node: _Node) -> list[_Node]:
+    if isinstance(node, _And):
+        return [c for op in node.operands for c in _conjuncts(op)]
+    return [node]
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -462,6 +518,8 @@ class Selector:
     canonical: str = field(init=False)
     _keys: frozenset[str] = field(init=False)
     _uses_global: bool = field(init=False)
+    _match: _Matcher = field(init=False)
+    _required: tuple[tuple[str, str | None], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         nodes = _walk(self._root)
@@ -469,9 +527,22 @@ class Selector:
         object.__setattr__(self, "canonical", self._root.render())
         object.__setattr__(self, "_keys", keys)
         object.__setattr__(self, "_uses_global", any(isinstance(n, _Global) for n in nodes))
+        object.__setattr__(self, "_match", _compile(self._root))
+        required = tuple(dict.fromkeys(
+            (n.key, n.value) if isinstance(n, _Cmp) else (n.key, None)
+            for n in _conjuncts(self._root)
+            if isinstance(n, _Has) or (isinstance(n, _Cmp) and n.op == "==")))
+        object.__setattr__(self, "_required", required)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        return self._root.ev(labels)
+        return self._match(labels)
+
+    @property
+    def required_labels(self) -> tuple[tuple[str, str | None], ...]:
+        """Terms every match must satisfy: (key, value) for a top-level `key == "value"`
+        conjunct, (key, None) for a top-level `has(key)`. Empty when there are none (the
+        selector is then no conjunction containing such a term)."""
+        return self._required
 
     def with_label_prefix(self, prefix: str) -> Selector:
         """Prefix every label key (e.g. "pcns." for namespace selectors)."""

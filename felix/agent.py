@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import logging
 import logging.handlers
 import os
@@ -31,7 +32,8 @@ from pathlib import Path
 from datastore.etcd import Event, Resync
 from datastore.snapshot import Resource
 from felix.agent_config import merged_felix_spec, render_config
-from felix.calc import PolicyIndex
+from felix.calc import CompileCache, PolicyIndex
+from felix.counters import DeniedCounters
 from felix.dataplane import ApplyStats, DataplaneState, apply_dataplane
 from felix.host_interfaces import read_host_interfaces
 from felix.metrics import DEFAULT_PORT, Metrics, MetricsServer
@@ -61,17 +63,31 @@ class SyncResult:
     render_s: float
 
 
+# The calling agent's CompileCache (set by FelixAgent._sync for the sync it runs).
+_COMPILE_CACHE: contextvars.ContextVar[CompileCache | None] = contextvars.ContextVar(
+    "felix_compile_cache", default=None)
+
+
 def sync_once(objects: Mapping[str, Resource], node: str, state: DataplaneState,
-              base: RenderConfig, *, sweep: bool) -> SyncResult:
-    """Render the whole dataplane for `node` from `objects` and apply it (blocking)."""
+              base: RenderConfig, *, sweep: bool, cache: CompileCache | None = None
+              ) -> SyncResult:
+    """Render the whole dataplane for `node` from `objects` and apply it (blocking).
+
+    `cache` keeps compiled policies and profiles between calls; only for `objects` whose
+    values are replaced, never mutated in place (as the agent's mirror's)."""
     start = time.perf_counter()
-    snapshot, problems = build_snapshot(objects)
+    if cache is None:
+        cache = _COMPILE_CACHE.get()
+    snapshot, problems = build_snapshot(objects, cache)
     pools = [o for o in objects.values() if o.get("kind") == "IPPool"]
     felix = merged_felix_spec((o for o in objects.values()
                                if o.get("kind") == "FelixConfiguration"), node)
     config = replace(render_config(pools, felix, base),
                      host_interfaces=read_host_interfaces(state.runner))
-    index = PolicyIndex(snapshot)
+    index = PolicyIndex(snapshot, cache)
+    if cache is not None:
+        cache.retain([*snapshot.profiles, *snapshot.network_policies,
+                      *snapshot.global_network_policies])
     result = render_with_report(index, node, config)
     render_s = time.perf_counter() - start
     stats = apply_dataplane(result.dataplane, state, sweep=sweep)
@@ -100,8 +116,10 @@ class FelixAgent:
         self.source = source
         self.dataplane = dataplane
         self.metrics = metrics or Metrics()
+        self.metrics.collectors.append(DeniedCounters(dataplane).metrics_text)  # denied per policy
         self.base = base or RenderConfig()
         self.mirror = StoreMirror()
+        self.compiled = CompileCache()  # the mirror's policies and profiles, across syncs
         self.sync = SyncState(window=window)
         self.drift_interval = drift_interval
         self.on_ready = on_ready
@@ -168,6 +186,8 @@ class FelixAgent:
         revision = self.mirror.revision
         self.metrics.inc("felix_syncs_total")
         try:
+            # to_thread runs sync_once in a copy of this context: it finds our cache there
+            _COMPILE_CACHE.set(self.compiled)
             result = await asyncio.to_thread(sync_once, objects, self.node, self.dataplane,
                                              self.base, sweep=sweep)
         except Exception as e:  # render or apply failed: the old rules stay; try again later

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from datastore.selector import Selector, parse
 from datastore.snapshot import Resource, Snapshot
@@ -211,6 +211,41 @@ def compile_profile(obj: Resource) -> CompiledProfile:
         egress=compile_rules(spec.get("egress"), None),
         labels_to_apply=dict(spec.get("labelsToApply") or {}),
     )
+
+
+class CompileCache:
+    """compile_policy / compile_profile results, reused while the very same object is seen.
+
+    Keyed by object identity (the object is held, so its id cannot be reused): only for
+    callers whose objects are replaced, never mutated in place (the agent's StoreMirror).
+    `retain` drops entries for objects no longer present. Failures are not cached.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Resource, CompiledPolicy | CompiledProfile]] = {}
+
+    def _get(self, obj: Resource, compile_fn: Any) -> Any:
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            return entry[1]
+        compiled = compile_fn(obj)
+        self._entries[id(obj)] = (obj, compiled)
+        return compiled
+
+    def policy(self, obj: Resource) -> CompiledPolicy:
+        compiled: CompiledPolicy = self._get(obj, compile_policy)
+        return compiled
+
+    def profile(self, obj: Resource) -> CompiledProfile:
+        compiled: CompiledProfile = self._get(obj, compile_profile)
+        return compiled
+
+    def retain(self, objects: Iterable[Resource]) -> None:
+        keep = {id(o) for o in objects}
+        self._entries = {k: e for k, e in self._entries.items() if k in keep}
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def missing_profile(name: str) -> CompiledProfile:
@@ -444,15 +479,100 @@ def _host_kind(policy: CompiledPolicy, kind: HostPolicyKind) -> bool:
     return kind == "normal" or policy.apply_on_forward
 
 
+def _group(chosen: Iterable[tuple[Tier, CompiledPolicy]]) -> list[TierPolicies]:
+    """Consecutive (tier, policy) pairs, in order, as one TierPolicies per tier."""
+    out: list[TierPolicies] = []
+    tier: Tier | None = None
+    policies: list[CompiledPolicy] = []
+    for t, p in chosen:
+        if t is not tier:
+            if tier is not None:
+                out.append(TierPolicies(tier, tuple(policies)))
+            tier, policies = t, []
+        policies.append(p)
+    if tier is not None:
+        out.append(TierPolicies(tier, tuple(policies)))
+    return out
+
+
+_Labelled = TypeVar("_Labelled", Endpoint, NetworkSet, Endpoint | NetworkSet)
+
+
+class _LabelIndex(Generic[_Labelled]):
+    """label key -> value -> items (in their order), to narrow a selector's candidates.
+
+    `candidates(selector)` is every item that could match, in the items' order: for a
+    selector whose top level is a conjunction with a `k == "v"` or `has(k)` term, the items
+    satisfying its rarest such term; otherwise all of them. Callers still check the selector.
+    """
+
+    def __init__(self, items: Sequence[_Labelled]) -> None:
+        self.items = items
+        self.by_value: dict[tuple[str, str], list[int]] = {}
+        self.by_key: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            for k, v in item.labels.items():
+                self.by_key.setdefault(k, []).append(i)
+                if isinstance(v, str):
+                    self.by_value.setdefault((k, v), []).append(i)
+
+    def positions(self, term: tuple[str, str | None]) -> list[int]:
+        key, value = term
+        if value is None:
+            return self.by_key.get(key, [])
+        return self.by_value.get((key, value), [])
+
+    def candidates(self, selector: Selector) -> Sequence[_Labelled]:
+        terms = selector.required_labels
+        if not terms:
+            return self.items
+        rarest = min((self.positions(t) for t in terms), key=len)
+        return [self.items[i] for i in rarest]
+
+
+class _PolicyBuckets:
+    """Policies (in order) filed under one required label term each, to skip, per endpoint,
+    those whose selector cannot match; policies with no such term are always candidates."""
+
+    def __init__(self, ordered: list[tuple[Tier, CompiledPolicy]],
+                 endpoints: _LabelIndex[Endpoint]) -> None:
+        self.ordered = ordered
+        self.always: list[int] = []
+        self.by_value: dict[tuple[str, str], list[int]] = {}
+        self.by_key: dict[str, list[int]] = {}
+        for i, (_tier, policy) in enumerate(ordered):
+            terms = policy.selector.required_labels
+            if not terms:
+                self.always.append(i)
+                continue
+            key, value = min(terms, key=lambda t: len(endpoints.positions(t)))
+            if value is None:
+                self.by_key.setdefault(key, []).append(i)
+            else:
+                self.by_value.setdefault((key, value), []).append(i)
+
+    def candidates(self, labels: Mapping[str, str]) -> list[tuple[Tier, CompiledPolicy]]:
+        found = list(self.always)
+        for k, v in labels.items():
+            found += self.by_key.get(k, ())
+            if isinstance(v, str):
+                found += self.by_value.get((k, v), ())
+        found.sort()
+        return [self.ordered[i] for i in found]
+
+
 class PolicyIndex:
     """The cluster's policy state, compiled once; answers per-endpoint questions."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, cache: CompileCache | None = None) -> None:
+        """`cache`, when given, supplies (and keeps) the compiled policies and profiles."""
         self.profiles: dict[str, CompiledProfile] = {
-            p.name: p for p in map(compile_profile, snapshot.profiles)
+            p.name: p
+            for p in map(cache.profile if cache else compile_profile, snapshot.profiles)
         }
         self.policies: tuple[CompiledPolicy, ...] = tuple(
-            map(compile_policy, [*snapshot.global_network_policies, *snapshot.network_policies])
+            map(cache.policy if cache else compile_policy,
+                [*snapshot.global_network_policies, *snapshot.network_policies])
         )
         tiers = _tiers(snapshot.tiers, self.policies)
         self.tiers: tuple[Tier, ...] = tuple(sorted(tiers.values(), key=lambda t: t.sort_key))
@@ -468,17 +588,40 @@ class PolicyIndex:
         for policy in sorted(self.policies, key=lambda p: p.sort_key):
             self._by_tier[policy.tier].append(policy)
         self._members: dict[Selector, frozenset[IPNetwork]] = {}
+        self._named: dict[tuple[Selector, str, int | None], frozenset[NamedPortMember]] = {}
+        self._labels: _LabelIndex | None = None
+        self._endpoint_labels: _LabelIndex | None = None
+        self._policy_buckets: _PolicyBuckets | None = None
+
+    # -- candidate narrowing (results are always those of the plain scan)
+
+    def _contributor_index(self) -> _LabelIndex:
+        if self._labels is None:
+            self._labels = _LabelIndex([*self.endpoints, *self.network_sets])
+        return self._labels
+
+    def _endpoint_index(self) -> _LabelIndex:
+        if self._endpoint_labels is None:
+            self._endpoint_labels = _LabelIndex(self.endpoints)
+        return self._endpoint_labels
+
+    def _candidate_policies(self, labels: Mapping[str, str]) -> list[tuple[Tier, CompiledPolicy]]:
+        """(tier, policy) in tier then policy order: a superset of those whose selector
+        matches `labels` (each policy with a required label term is left out unless
+        `labels` satisfies that term)."""
+        if self._policy_buckets is None:
+            self._policy_buckets = _PolicyBuckets(
+                [(t, p) for t in self.tiers for p in self._by_tier[t.name]],
+                self._endpoint_index())
+        return self._policy_buckets.candidates(labels)
 
     # -- what applies to an endpoint
 
     def tiers_for(self, endpoint: Endpoint, direction: Direction) -> list[TierPolicies]:
         """Tiers in order, each with its ordered policies that apply; tiers with none omitted."""
-        out = []
-        for tier in self.tiers:
-            chosen = [p for p in self._by_tier[tier.name] if _applies(p, endpoint, direction)]
-            if chosen:
-                out.append(TierPolicies(tier, tuple(chosen)))
-        return out
+        return _group(
+            (tier, p) for tier, p in self._candidate_policies(endpoint.labels)
+            if _applies(p, endpoint, direction))
 
     def host_tiers_for(self, endpoint: Endpoint, direction: Direction,
                        kind: HostPolicyKind) -> list[TierPolicies]:
@@ -487,15 +630,13 @@ class PolicyIndex:
         Untracked and preDNAT tiers never end in a drop (the filter table still decides), so
         they carry defaultAction Pass, as Felix gives them.
         """
-        out = []
-        for tier in self.tiers:
-            chosen = [p for p in self._by_tier[tier.name]
-                      if _host_kind(p, kind) and not p.staged and direction in p.types
-                      and p.selector.matches(endpoint.labels)]
-            if chosen:
-                if kind in ("untracked", "prednat"):
-                    tier = replace(tier, default_action="Pass")
-                out.append(TierPolicies(tier, tuple(chosen)))
+        out = _group(
+            (tier, p) for tier, p in self._candidate_policies(endpoint.labels)
+            if _host_kind(p, kind) and not p.staged and direction in p.types
+            and p.selector.matches(endpoint.labels))
+        if kind in ("untracked", "prednat"):
+            out = [TierPolicies(replace(tp.tier, default_action="Pass"), tp.policies)
+                   for tp in out]
         return out
 
     def profiles_for(self, endpoint: Endpoint) -> list[CompiledProfile]:
@@ -523,7 +664,7 @@ class PolicyIndex:
         """What Felix's IP set for `selector` holds: nets of every matching endpoint/network set."""
         members = self._members.get(selector)
         if members is None:
-            contributors: list[Endpoint | NetworkSet] = [*self.endpoints, *self.network_sets]
+            contributors = self._contributor_index().candidates(selector)
             members = frozenset(
                 net for c in contributors if selector.matches(c.labels) for net in c.nets
             )
@@ -536,13 +677,19 @@ class PolicyIndex:
 
         `protocol` is the rule's; None means the named port of any protocol.
         """
-        return frozenset(
-            (net.network_address, port.protocol, port.port)
-            for ep in self.endpoints if selector.matches(ep.labels)
-            for port in ep.ports
-            if port.name == name and (protocol is None or port.protocol == protocol)
-            for net in ep.nets
-        )
+        key = (selector, name, protocol)
+        members = self._named.get(key)
+        if members is None:
+            members = frozenset(
+                (net.network_address, port.protocol, port.port)
+                for ep in self._endpoint_index().candidates(selector)
+                if selector.matches(ep.labels)
+                for port in ep.ports
+                if port.name == name and (protocol is None or port.protocol == protocol)
+                for net in ep.nets
+            )
+            self._named[key] = members
+        return members
 
 
 def ip_address(text: str) -> IPAddress | None:

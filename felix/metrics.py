@@ -1,6 +1,7 @@
 """The agent's Prometheus metrics and health, served as plain HTTP on 127.0.0.1.
 
-`GET /metrics`   -> Prometheus text format (counters and gauges below).
+`GET /metrics`   -> Prometheus text format (counters and gauges below, then each collector's
+                   text, e.g. `felix.counters.DeniedCounters.metrics_text`; served off the loop).
 `GET /liveness`  -> 200 while the event loop answers.
 `GET /readiness` -> 200 once the first complete sync reached the kernel, else 503.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_PORT = 9091
@@ -37,6 +39,8 @@ _DESCRIPTIONS = {
 @dataclass
 class Metrics:
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_DESCRIPTIONS, 0.0))
+    # Each returns complete Prometheus text (HELP/TYPE and samples); may block briefly.
+    collectors: list[Callable[[], str]] = field(default_factory=list)
 
     def inc(self, name: str, by: float = 1.0) -> None:
         self.values[name] += by
@@ -52,7 +56,14 @@ class Metrics:
         for name, value in self.values.items():
             kind, text = _DESCRIPTIONS[name]
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
-        return "\n".join(lines) + "\n"
+        out = "\n".join(lines) + "\n"
+        for collect in self.collectors:
+            try:
+                out += collect()
+            except Exception as e:  # one broken collector must not hide the rest
+                log.warning("metrics collector %s failed: %s", getattr(collect, "__qualname__",
+                                                                        collect), e)
+        return out
 
 
 def parse_text(text: str) -> dict[str, float]:
@@ -105,7 +116,9 @@ class MetricsServer:
                 parts = (await reader.readline()).decode("latin-1").split()
                 while (await reader.readline()).strip():
                     pass
-            status, ctype, body = self._route(parts[1] if len(parts) == 3 else "")
+            # Off the loop: a collector may run iptables-save.
+            status, ctype, body = await asyncio.to_thread(
+                self._route, parts[1] if len(parts) == 3 else "")
             payload = body.encode()
             writer.write((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
                           f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"

@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 from datastore.kinds import CALICO_PREFIX, kind_for_key
 from datastore.snapshot import Resource, Snapshot
-from felix.calc import compile_policy, compile_profile, host_endpoint, workload_endpoint
+from felix.calc import (
+    CompileCache,
+    compile_policy,
+    compile_profile,
+    host_endpoint,
+    workload_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +113,12 @@ class StoreMirror:
         return build_snapshot(self.objects)
 
 
-def build_snapshot(objects: Mapping[str, Resource]) -> tuple[Snapshot, list[Problem]]:
-    """The policy model's view, with every uncompilable object made fail-closed."""
+def build_snapshot(objects: Mapping[str, Resource], cache: CompileCache | None = None
+                   ) -> tuple[Snapshot, list[Problem]]:
+    """The policy model's view, with every uncompilable object made fail-closed.
+
+    With `cache` (objects replaced, never mutated in place), the policies and profiles
+    compiled to check them are kept there for PolicyIndex, and reused on later calls."""
     snap = Snapshot()
     problems: list[Problem] = []
     has_default_allow = False
@@ -116,7 +126,7 @@ def build_snapshot(objects: Mapping[str, Resource]) -> tuple[Snapshot, list[Prob
         if (obj.get("kind") == "Profile"
                 and obj["metadata"].get("name") == DEFAULT_ALLOW_PROFILE["metadata"]["name"]):
             has_default_allow = True
-        fixed = _fail_closed(obj, problems)
+        fixed = _fail_closed(obj, problems, cache)
         if fixed is not None:
             snap.add(fixed)
     if not has_default_allow:
@@ -131,13 +141,14 @@ def _describe(obj: Resource) -> str:
     return f"{obj.get('kind', '?')} {ns + '/' if ns else ''}{name}"
 
 
-def _fail_closed(obj: Resource, problems: list[Problem]) -> Resource | None:
+def _fail_closed(obj: Resource, problems: list[Problem],
+                 cache: CompileCache | None = None) -> Resource | None:
     kind = obj.get("kind", "")
     try:
         if kind in POLICY_KINDS:
-            compile_policy(obj)
+            cache.policy(obj) if cache else compile_policy(obj)
         elif kind == "Profile":
-            compile_profile(obj)
+            cache.profile(obj) if cache else compile_profile(obj)
         elif kind == "WorkloadEndpoint":
             workload_endpoint(obj, {})
         elif kind == "HostEndpoint":
