@@ -8,8 +8,10 @@ never go green by skipping.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,3 +73,27 @@ def fresh_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]
     """A private etcd for a test that restarts, compacts or otherwise breaks it."""
     with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
         yield server
+
+
+@pytest.fixture
+def make_ns() -> Iterator[Callable[[], str]]:
+    """Creates network namespaces tabby-t-<random>-<n> with lo up; all are deleted afterwards,
+    even on failure. Tests do all their networking inside these, never in the root namespace."""
+    require_root()
+    require_binary("ip")
+    tag = secrets.token_hex(3)
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"tabby-t-{tag}-{len(made)}"
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        made.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True,
+                       capture_output=True)
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -8,7 +8,6 @@ iptables or ipsets. Namespaces are deleted in `finally`.
 from __future__ import annotations
 
 import re
-import secrets
 import subprocess
 import sys
 import time
@@ -88,25 +87,6 @@ class LoggingRunner(Runner):
     def restores(self) -> list[str]:
         return [c.stdin or "" for c in self.calls if c.argv[0].endswith("tables-nft-restore")
                 or c.argv[0].endswith("tables-legacy-restore")]
-
-
-@pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    tag = secrets.token_hex(3)
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"tabby-dp-{tag}-{len(made)}"
-        sh("ip", "netns", "add", name)
-        made.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
 import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -51,26 +50,6 @@ def sysctls(ns: str, *keys: str) -> list[str]:
     out = subprocess.run(["ip", "netns", "exec", ns, "cat", *files], check=True,
                          capture_output=True, text=True).stdout
     return out.split()
-
-
-@pytest.fixture
-def make_ns() -> Iterator[Callable[[], str]]:
-    """Creates namespaces tabby-t-<random>-<n>; all are deleted afterwards, even on failure."""
-    tag = secrets.token_hex(3)
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"tabby-t-{tag}-{len(made)}"
-        ip("netns", "add", name)
-        made.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture
