@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 node=0
 if [ "${1:-}" = "--node" ]; then node=1; shift; fi
 
-PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv containernetworking-plugins)
+PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv containernetworking-plugins bird2)
 
 say() { echo "install.sh: $*"; }
 
@@ -24,7 +24,7 @@ if ((${#missing[@]})); then
     say "needs root to install: ${missing[*]}"; exit 1
   fi
   say "installing Debian packages: ${missing[*]}"
-  # Keep package scripts from starting a system-wide etcd on :2379; Tabby starts its own.
+  # Keep package scripts from starting a system-wide etcd on :2379 or a BIRD; Tabby starts its own.
   had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1
   if [ "$had_policy" = 0 ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
   export DEBIAN_FRONTEND=noninteractive
@@ -32,7 +32,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ "$had_policy" = 0 ]; then rm -f /usr/sbin/policy-rc.d; fi
   if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
-    systemctl disable --now etcd >/dev/null 2>&1 || true
+    systemctl disable --now etcd bird >/dev/null 2>&1 || true
   fi
 fi
 

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,13 +34,41 @@ def lab() -> None:
 @lab.command()
 @click.option("--nodes", type=int, default=2, show_default=True, help="How many nodes.")
 @click.option("--pool", default="10.244.0.0/16", show_default=True, help="The pod IPPool.")
+@click.option("--encap", default="none", type=click.Choice(["none", "vxlan"]), show_default=True,
+              help="none: BGP (exabgp) routes between nodes; vxlan: VXLAN from the store.")
+@click.option("--bird", is_flag=True,
+              help="Add a BIRD 2 router the nodes peer with as their route reflector.")
 @_lab_options
-def up(nodes: int, pool: str, lab_name: str, state_dir: str | None) -> None:
+def up(nodes: int, pool: str, encap: str, bird: bool, lab_name: str,
+       state_dir: str | None) -> None:
     """Build the lab: underlay bridge, etcd, NODES nodes each running tabby-node."""
     from lab import cluster
 
-    cluster.up(_lab(lab_name, state_dir), nodes, pool, say=click.echo)
+    cluster.up(_lab(lab_name, state_dir), nodes, pool, say=click.echo, encap=encap, bird=bird)
     click.echo(f"lab {lab_name} is up with {nodes} node(s)")
+
+
+@lab.command("bgp")
+@click.argument("node_name", required=False)
+@_lab_options
+def bgp(node_name: str | None, lab_name: str, state_dir: str | None) -> None:
+    """`tabbyctl node status` of each lab node (or NODE); with --bird, BIRD's protocols too."""
+    from bgp.status import read_status, render_table
+    from lab import bird
+
+    state = _lab(lab_name, state_dir).require()
+    for name, n in state["nodes"].items():
+        if node_name and name != node_name:
+            continue
+        path = os.path.join(n["dir"], "run", "bgp-status.json")
+        click.echo(f"== {name} ({n['ip']})")
+        try:
+            click.echo(render_table(read_status(Path(path))))
+        except (OSError, ValueError) as e:
+            click.echo(f"no routing status yet ({e})\n")
+    if state.get("bird") and not node_name:
+        click.echo("== BIRD route reflector")
+        click.echo(bird.birdc(state, "show", "protocols"))
 
 
 @lab.command()

@@ -16,6 +16,7 @@ from ctl import output
 from ctl.ipam_cmd import ipam, release_removed_nodes
 from ctl.lab_cmd import lab
 from ctl.manifests import ManifestError, read_manifests
+from ctl.node_cmd import node
 from ctl.patch import apply_labels, apply_patch
 from datastore import resources
 from datastore.errors import TabbyError
@@ -285,6 +286,7 @@ def explain(ctx: Context, src: str, dst: str, port: str | None, protocol: str | 
 
 cli.add_command(ipam)
 cli.add_command(lab)
+cli.add_command(node)
 
 
 @cli.command()

@@ -4,8 +4,14 @@ Layout (all inside namespaces named `tabby-lab-<lab>-...`, nothing in the root n
 
     underlay   bridge br0 198.18.0.1/24 (the lab's gateway; ports u-etcd, u-node1, ...)
     etcd       eth0 198.18.0.2/24, etcd on 198.18.0.2:2379 (and 127.0.0.1:2379 there)
+    bird       (`--bird`) eth0 198.18.0.3/24, BIRD 2: the nodes' route reflector
     node<k>    eth0 198.18.0.<10+k>/24, default via 198.18.0.1, tabby-node, CNI files under
                <lab dir>/nodes/node<k>/{bin,net.d,etc,run,log,spool,cni-cache}
+
+Routing between nodes is Tabby's own: with `encap none` every node's routing agent runs exabgp
+in a full mesh (or, with `--bird`, peers only with the BIRD route reflector) and programs the
+other nodes' blocks `via` their underlay address; with `encap vxlan` the pool is VXLAN Always
+and the agents program `vxlan.calico` from the store (no BGP; pods get MTU 1450).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ NODE_BASE = 10  # node k is at 198.18.0.(10 + k)
 BRIDGE = "br0"
 DEFAULT_POOL = "10.244.0.0/16"
 MAX_NODES = 50
+ENCAPS = ("none", "vxlan")
+VXLAN_POD_MTU = 1450  # the underlay's 1500 minus VXLAN's 50
 HEALTH_PORT = 9099
 READY_TIMEOUT = 30.0
 
@@ -61,9 +69,16 @@ def _record_ns(lab: Lab, state: State, name: str) -> str:
     return name
 
 
-def up(lab: Lab, nodes: int, pool: str = DEFAULT_POOL, say: Say = _quiet) -> State:
+def up(lab: Lab, nodes: int, pool: str = DEFAULT_POOL, say: Say = _quiet, *,
+       encap: str = "none", bird: bool = False) -> State:
     if not 1 <= nodes <= MAX_NODES:
         raise LabError(f"--nodes must be 1..{MAX_NODES}")
+    if encap not in ENCAPS:
+        raise LabError(f"--encap must be one of {', '.join(ENCAPS)}")
+    if bird and encap != "none":
+        raise LabError("--bird peers the nodes over BGP: use it with --encap none")
+    if bird and not shutil.which("bird"):
+        raise LabError("--bird needs BIRD 2 (Debian package bird2; ./install.sh installs it)")
     with lab.locked():
         leftovers = netns.names_with_prefix(lab.prefix)
         if lab.load() is not None or leftovers:
@@ -72,7 +87,7 @@ def up(lab: Lab, nodes: int, pool: str = DEFAULT_POOL, say: Say = _quiet) -> Sta
                            f"run `tabbyctl lab down --name {lab.name}` first")
         state: State = {"lab": lab.name, "dir": str(lab.dir), "created": time.time(),
                         "namespaces": [], "processes": {}, "nodes": {}, "pods": {},
-                        "next_node": 0, "pool": pool}
+                        "next_node": 0, "pool": pool, "encap": encap, "bird": bird}
         lab.save(state)
         try:
             _build(lab, state, nodes, pool, say)
@@ -96,8 +111,15 @@ def _build(lab: Lab, state: State, nodes: int, pool: str, say: Say) -> None:
     _start(lab, state, "etcd", etcd_ns, _etcd_argv(lab), lab.dir / "etcd" / "etcd.log")
     _wait_etcd(state)
     say(f"etcd {etcd_ns}: {etcd_endpoint(state)}")
-    store(state, [{"op": "apply", "objects": [_ippool(pool)]}])
-    say(f"IPPool default-ipv4-ippool {pool}")
+    store(state, [{"op": "apply", "objects": [_ippool(pool, state["encap"])]}])
+    say(f"IPPool default-ipv4-ippool {pool} (encapsulation: {state['encap']})")
+    if state["bird"]:
+        from lab import bird
+
+        bird.start(lab, state, [node_ip(k) for k in range(1, nodes + 1)], _record_ns, _start)
+        store(state, [{"op": "apply", "objects": bird.peering_objects()}])
+        say(f"BIRD route reflector {state['bird_router']['ns']}: "
+            f"{state['bird_router']['ip']} (node-to-node mesh off)")
 
     for k in range(1, nodes + 1):
         _make_node(lab, state, f"node{k}", k)
@@ -146,10 +168,11 @@ def _wait_etcd(state: State) -> None:
     raise LabError(f"etcd not healthy after {READY_TIMEOUT:g} s at {url}")
 
 
-def _ippool(cidr: str) -> dict[str, Any]:
+def _ippool(cidr: str, encap: str = "none") -> dict[str, Any]:
     return {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
             "metadata": {"name": "default-ipv4-ippool"},
-            "spec": {"cidr": cidr, "blockSize": 26, "ipipMode": "Never", "vxlanMode": "Never",
+            "spec": {"cidr": cidr, "blockSize": 26, "ipipMode": "Never",
+                     "vxlanMode": "Always" if encap == "vxlan" else "Never",
                      "natOutgoing": False, "nodeSelector": "all()"}}
 
 
@@ -176,6 +199,8 @@ def _make_node(lab: Lab, state: State, name: str, k: int) -> None:
                "--net-dir", str(dirs["net.d"]), "--config-dir", str(dirs["etc"]),
                "--etcd-endpoints", endpoint, "--nodename", name,
                "--cni-log-file", str(dirs["log"] / "cni.log")]
+    if state.get("encap") == "vxlan":
+        install += ["--mtu", str(VXLAN_POD_MTU)]
     done = subprocess.run(netns.nsenter(ns, install), capture_output=True, text=True,
                           timeout=120)
     if done.returncode != 0:
@@ -186,7 +211,9 @@ def _make_node(lab: Lab, state: State, name: str, k: int) -> None:
               "--nodename-file", str(d / "nodename"),
               "--socket", node["socket"], "--etcd-endpoints", endpoint,
               "--log-file", str(dirs["log"] / "tabby-node.log"),
-              "--health-port", str(HEALTH_PORT), "--spool-dir", str(dirs["spool"])]
+              "--health-port", str(HEALTH_PORT), "--spool-dir", str(dirs["spool"]),
+              # the BGP address is autodetected: eth0 holds the default route
+              "--networking-backend", "vxlan" if state.get("encap") == "vxlan" else "bird"]
     _start(lab, state, name, ns, daemon, dirs["log"] / "tabby-node.out")
 
 
@@ -310,8 +337,8 @@ def _down(lab: Lab, say: Say) -> list[str]:
 
 
 def _teardown_order(name: str) -> tuple[int, str]:
-    """Pods, then nodes, then etcd, then the underlay."""
-    for rank, part in enumerate(("-pod-", "-node", "-etcd", "-underlay")):
+    """Pods, then nodes, then etcd and BIRD, then the underlay."""
+    for rank, part in enumerate(("-pod-", "-node", "-etcd", "-bird", "-underlay")):
         if part in name:
             return rank, name
     return 0, name

@@ -1,12 +1,15 @@
-"""tabby-node: the per-node daemon: the CNI service and the felix agent (BGP joins later).
+"""tabby-node: the per-node daemon: the CNI service, the felix agent and the routing agent.
 
-Start order: logging, node name, etcd config, the CNI socket (serving at once: VERSION and
-the in-daemon handler need no etcd), the health endpoint, the felix agent as a supervised
-child process (`python -m felix.agent`, in this process's network namespace; `--no-felix`
-leaves it out), then in the background the Node / ClusterInformation registration (retried
-until etcd answers) and the periodic replay of DELs spooled while etcd was down. SIGTERM/SIGINT
-stop it cleanly: felix is stopped (its rules stay), the socket stops accepting, running
-requests get DRAIN_TIMEOUT to finish, the socket file is removed.
+Start order: logging, node name, etcd config, the node's BGP address (`node.autodetect`: `--ip`
+or IP, else IP_AUTODETECTION_METHOD, default the default-route interface's address), the CNI
+socket (serving at once: VERSION and the in-daemon handler need no etcd), the health endpoint,
+the felix agent and the routing agent as supervised child processes (`python -m felix.agent`,
+`python -m bgp.agent`, in this process's network namespace; `--no-felix` and
+`--networking-backend none` leave them out), then in the background the Node /
+ClusterInformation registration (retried until etcd answers) and the periodic replay of DELs
+spooled while etcd was down. SIGTERM/SIGINT stop it cleanly: the children are stopped (rules
+and routes stay), the socket stops accepting, running requests get DRAIN_TIMEOUT to finish,
+the socket file is removed.
 """
 
 from __future__ import annotations
@@ -84,7 +87,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--felix-metrics-port", type=int, default=FELIX_METRICS_PORT,
                    help="felix's /metrics and /readiness on 127.0.0.1 "
                         f"(default {FELIX_METRICS_PORT}; 0: none)")
+    p.add_argument("--ip", default=os.environ.get("IP") or "autodetect",
+                   help="this node's BGP address (ADDR/LEN), 'autodetect' (default, see "
+                        "--ip-autodetection-method) or 'none'")
+    p.add_argument("--ip-autodetection-method",
+                   default=os.environ.get("IP_AUTODETECTION_METHOD") or "default-route",
+                   help="default-route (default), first-found, interface=REGEX, "
+                        "skip-interface=REGEX, can-reach=ADDR, cidr=CIDR")
+    p.add_argument("--as", dest="asn", type=int,
+                   default=int(os.environ["AS"]) if os.environ.get("AS", "").isdigit() else None,
+                   help="this node's AS number (default: BGPConfiguration's, else 64512)")
+    p.add_argument("--networking-backend", choices=["bird", "vxlan", "none"],
+                   default=os.environ.get("CALICO_NETWORKING_BACKEND") or "bird",
+                   help="bird (default): BGP with exabgp, plus VXLAN where pools use it; "
+                        "vxlan: VXLAN only, no BGP; none: no routing agent")
+    p.add_argument("--run-dir", type=Path,
+                   help="the routing agent's files and bgp-status.json (default: the CNI "
+                        "socket's directory)")
     return p.parse_args(argv)
+
+
+def routing_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
+    """The routing agent's command line: this node, backend, etcd settings, run and log dirs."""
+    argv = [sys.executable, "-m", "bgp.agent", "--nodename", nodename,
+            "--backend", opts.networking_backend, "--log-level", opts.log_level,
+            "--run-dir", str(opts.run_dir or Path(opts.socket).parent), "--exit-with-parent"]
+    if opts.etcd_endpoints:
+        argv += ["--etcd-endpoints", opts.etcd_endpoints]
+    elif opts.config:
+        argv += ["--config", opts.config]
+    if opts.log_file:
+        argv += ["--log-file", str(Path(opts.log_file).with_name("routing.log"))]
+    return argv
+
+
+def bgp_address(opts: argparse.Namespace, log: logging.Logger) -> str | None:
+    """The address to record on the Node (CIDR form), or None (`--ip none`, or not found:
+    then the Node keeps what it has and the routing agent waits for an address)."""
+    from node.autodetect import AutodetectError, detect, explicit
+
+    try:
+        if opts.ip == "none":
+            return None
+        if opts.ip == "autodetect":
+            found = detect(opts.ip_autodetection_method)
+            log.info("BGP address %s (autodetected: %s)", found, opts.ip_autodetection_method)
+            return str(found)
+        return str(explicit(opts.ip))
+    except AutodetectError as e:
+        log.error("no BGP address: %s", e)
+        return None
 
 
 def felix_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
@@ -164,24 +216,35 @@ class NodeAgent:
         if not opts.no_felix:
             self.felix = Supervisor("felix", felix_argv(opts, nodename),
                                     logging.getLogger("tabby.supervisor"))
+        self.routing: Supervisor | None = None
+        if opts.networking_backend != "none":
+            self.routing = Supervisor("routing", routing_argv(opts, nodename),
+                                      logging.getLogger("tabby.supervisor"))
+        self.address: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        # pyroute2's synchronous socket cannot be opened inside a running event loop
+        self.address = await asyncio.to_thread(bgp_address, self.opts, self.log)
         await self.cni.start()
         if self.opts.health_port:
             checks = {"etcd": self._etcd_ready, "cni": self._cni_ready}
-            if self.felix is not None:
-                checks["felix"] = self.felix.check
+            for child in self.children:
+                checks[child.name] = child.check
             self.health = HealthServer(self.opts.health_port, checks)
             await self.health.start()
-        if self.felix is not None:  # BGP joins here later, as another Supervisor
-            self.felix.start()
+        for child in self.children:
+            child.start()
         self._tasks.append(asyncio.create_task(self._retrying("registration", self._register)))
         self._tasks.append(asyncio.create_task(self._replay_loop()))
 
+    @property
+    def children(self) -> list[Supervisor]:
+        return [c for c in (self.felix, self.routing) if c is not None]
+
     async def stop(self) -> None:
-        if self.felix is not None:
-            await self.felix.stop()
+        for child in self.children:
+            await child.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -199,7 +262,8 @@ class NodeAgent:
         from node.registration import register
 
         services = await self.cache.get(self.config)
-        await register(ResourceStore(services.ds), self.nodename, self.log)
+        await register(ResourceStore(services.ds), self.nodename, self.log, self.address,
+                       self.opts.asn)
         self.registered = True
 
     async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:

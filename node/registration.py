@@ -1,11 +1,14 @@
 """This node's `Node` resource and the cluster-wide `ClusterInformation default`, as calico-node
 writes them at start.
 
-The Node keeps whatever spec and labels it already has (an operator's or a later BGP issue's
-`spec.bgp`); Tabby only adds the `kubernetes.io/hostname` label. ClusterInformation gets
-`datastoreReady: true` when it has no value: Calico's CNI refuses ADD/DEL unless it is true,
-and an explicit `false` is an operator's lock (e.g. during a migration) that must stay.
-Nothing is written when nothing would change, so restarts do not churn revisions.
+The Node keeps whatever spec and labels it already has (an operator's `routeReflectorClusterID`,
+the routing agent's tunnel addresses); Tabby adds the `kubernetes.io/hostname` label and, when
+tabby-node knows it (`node.autodetect`), the BGP address `spec.bgp.ipv4Address` in Calico's CIDR
+form and the AS number (only when one is configured: otherwise the cluster's applies).
+ClusterInformation gets `datastoreReady: true` when it has no value: Calico's CNI refuses
+ADD/DEL unless it is true, and an explicit `false` is an operator's lock (e.g. during a
+migration) that must stay. Nothing is written when nothing would change, so restarts do not
+churn revisions.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from datastore.kinds import kind_for
@@ -25,19 +29,27 @@ API_VERSION = "projectcalico.org/v3"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 CLUSTER_INFO = "default"
 CLUSTER_TYPE = "tabby"
+WRITE_ATTEMPTS = 10
 
 Resource = dict[str, Any]
 
 
-def desired_node(nodename: str, existing: Resource | None) -> Resource:
-    """The Node to store: the existing one with our label added (pure)."""
+def desired_node(nodename: str, existing: Resource | None, ipv4_address: str | None = None,
+                 asn: int | None = None) -> Resource:
+    """The Node to store: the existing one with our label and BGP identity added (pure)."""
     if existing is None:
         node: Resource = {"apiVersion": API_VERSION, "kind": "Node",
                           "metadata": {"name": nodename}, "spec": {}}
     else:
         node = copy.deepcopy(existing)
     node.setdefault("metadata", {}).setdefault("labels", {})[HOSTNAME_LABEL] = nodename
-    node.setdefault("spec", {})
+    spec = node.setdefault("spec", {})
+    if ipv4_address is not None or asn is not None:
+        bgp = spec.setdefault("bgp", {})
+        if ipv4_address is not None:
+            bgp["ipv4Address"] = ipv4_address
+        if asn is not None:
+            bgp["asNumber"] = asn
     return node
 
 
@@ -55,22 +67,39 @@ def desired_cluster_information(existing: Resource | None) -> Resource:
     return info
 
 
-async def register_node(store: ResourceStore, nodename: str) -> str:
+async def register_node(store: ResourceStore, nodename: str, ipv4_address: str | None = None,
+                        asn: int | None = None) -> str:
     """Create or refresh this node's Node; returns created / updated / unchanged."""
-    existing = await _get(store, "Node", nodename)
-    return await _write(store, desired_node(nodename, existing), existing)
+    return await _merge(store, "Node", nodename,
+                        lambda existing: desired_node(nodename, existing, ipv4_address, asn))
 
 
 async def ensure_cluster_information(store: ResourceStore) -> str:
     """Create or complete ClusterInformation `default`; returns created / updated / unchanged."""
-    existing = await _get(store, "ClusterInformation", CLUSTER_INFO)
-    return await _write(store, desired_cluster_information(existing), existing)
+    return await _merge(store, "ClusterInformation", CLUSTER_INFO, desired_cluster_information)
 
 
-async def register(store: ResourceStore, nodename: str, log: logging.Logger) -> None:
-    node = await register_node(store, nodename)
+async def _merge(store: ResourceStore, kind: str, name: str,
+                 desired: Callable[[Resource | None], Resource]) -> str:
+    """Read, merge, write guarded by what was read; again when someone else wrote meanwhile
+    (another node creating ClusterInformation, the routing agent adding tunnel addresses)."""
+    from datastore.store import AlreadyExistsError, ConflictError
+
+    for _ in range(WRITE_ATTEMPTS):
+        existing = await _get(store, kind, name)
+        try:
+            return await _write(store, desired(existing), existing)
+        except (ConflictError, AlreadyExistsError):
+            continue
+    raise RuntimeError(f"{kind} {name} kept changing while writing it")
+
+
+async def register(store: ResourceStore, nodename: str, log: logging.Logger,
+                   ipv4_address: str | None = None, asn: int | None = None) -> None:
+    node = await register_node(store, nodename, ipv4_address, asn)
     info = await ensure_cluster_information(store)
-    log.info("Node %s %s; ClusterInformation default %s", nodename, node, info)
+    log.info("Node %s %s%s; ClusterInformation default %s", nodename, node,
+             f" (BGP address {ipv4_address})" if ipv4_address else "", info)
     current = await _get(store, "ClusterInformation", CLUSTER_INFO)
     if current is not None and current.get("spec", {}).get("datastoreReady") is False:
         log.warning("ClusterInformation default has datastoreReady: false (a datastore lock); "
@@ -95,6 +124,8 @@ async def _write(store: ResourceStore, obj: Resource, existing: Resource | None)
     if existing is not None and _comparable(obj) == _comparable(existing):
         return "unchanged"
     obj = copy.deepcopy(obj)
-    obj["metadata"].pop("resourceVersion", None)  # apply: the store guards by its own read
-    await store.write([obj], "apply")
+    if existing is None:
+        await store.write([obj], "create")
+    else:  # guarded by the revision `obj` was built from: nobody's concurrent write is lost
+        await store.write([obj], "replace")
     return "created" if existing is None else "updated"

@@ -308,6 +308,8 @@ def tabby_node(workdir: Path, endpoint: str, nodename: str = "node-a",
            "--nodename-file", str(workdir / "nodename"), "--socket", str(sock),
            "--etcd-endpoints", endpoint, "--log-file", str(log), "--health-port", str(port),
            "--spool-dir", str(workdir / "spool"), "--replay-interval", "1", "--no-felix",
+           # in the root namespace: no routing agent, nothing read for a BGP address
+           "--networking-backend", "none", "--ip", "none",
            *extra]
     with open(workdir / "stderr", "ab") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
@@ -448,7 +450,8 @@ def test_sigterm_removes_the_socket_and_a_second_daemon_is_refused(
         other = subprocess.run(
             [str(BIN / "tabby-node"), "--socket", str(n.sock), "--nodename", "x",
              "--nodename-file", str(short_dir / "other-nodename"), "--log-file", "",
-             "--health-port", "0", "--etcd-endpoints", etcd_server.endpoint, "--no-felix"],
+             "--health-port", "0", "--etcd-endpoints", etcd_server.endpoint, "--no-felix",
+             "--networking-backend", "none", "--ip", "none"],
             capture_output=True, text=True, timeout=60, check=False)
         assert other.returncode == 1 and "already serving" in other.stderr
         assert n.sock.exists()  # the refused daemon left the live socket alone

@@ -1,0 +1,428 @@
+"""The routing agent: the store and BGP in, exabgp's announcements and kernel routes out.
+
+`python -m bgp.agent --nodename N [--etcd-endpoints URLS | -c FILE] [--backend bird|vxlan]`
+runs in the node's network namespace (tabby-node starts it as a supervised child).
+
+- Six watches (Nodes, IPPools, BGPConfigurations, BGPPeers, IPAM blocks, affinities) feed a
+  `StoreView`; a burst of changes becomes one sync after WINDOW.
+- A sync: the node's tunnel addresses (`bgp.tunnels`); with the `bird` backend (Calico's name
+  for "BGP on"), exabgp's config from the peers (`bgp.peers`, `bgp.exabgp_conf`) applied to the
+  speaker child (`bgp.speaker`: started, reloaded or restarted) and the announcements
+  (`bgp.announce`) diffed into announce/withdraw commands; then the routing plan
+  (`bgp.routes.plan`: blackholes for local blocks, BGP-learned routes, VXLAN) programmed into
+  the kernel (`bgp.vxlan`, `bgp.kernel_routes`, all under the agent's route protocol).
+- exabgp's API relay (`bgp.pipe`) connects to a unix socket here (`bgp.api_server`): a new
+  relay gets every announcement; a peer coming up gets them again (exabgp does not replay API
+  routes to a neighbor added by a reload); updates feed the RIB (`bgp.rib`), a session going down
+  drops that peer's routes, and either triggers a sync.
+- IPv4 forwarding is switched on at start (a node routes for its pods).
+- Restart: the kernel keeps the routes of the previous run; for GRACE seconds after start the
+  learned ones are kept (not removed) while the sessions come back, so a restart of the agent
+  or tabby-node does not black-hole other nodes' pods.
+- `<run dir>/bgp-status.json` says what the speaker and each peer are doing (`tabbyctl node
+  status` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bgp import announce as announce_mod
+from bgp import messages, rib, status, view
+from bgp.model import NodeRecord
+
+WINDOW = 0.01  # s: coalesce a burst of store changes into one sync
+GRACE = 20.0  # s after start during which learned kernel routes are kept, not removed
+RETRY_MAX = 10.0
+BACKENDS = ("bird", "vxlan")
+NOISY_LOGGERS = ("grpc", "aetcd", "asyncio", "pyroute2")
+
+log = logging.getLogger("tabby.bgp")
+
+
+class RoutingAgent:
+    def __init__(self, nodename: str, backend: str, ds: Any, run_dir: Path, *,
+                 status_path: Path | None = None, grace: float = GRACE,
+                 program_kernel: bool = True) -> None:
+        from bgp.speaker import Speaker
+
+        self.nodename, self.backend, self.ds = nodename, backend, ds
+        self.run_dir = run_dir
+        self.status_path = status_path or run_dir / "bgp-status.json"
+        self.grace_until = time.monotonic() + grace
+        self.program_kernel = program_kernel
+        self.view = view.StoreView()
+        self.rib = rib.Rib()
+        self.speaker = Speaker(run_dir / "exabgp")
+        self.api: Any = None
+        self.peers: list[Any] = []
+        self.peer_state: dict[str, dict[str, Any]] = {}
+        self.announced: frozenset[str] = frozenset()
+        self.routes_programmed = 0
+        self.last_errors: list[str] = []
+        self.syncs = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._speaker_key: tuple[str, int, int] | None = None
+        self._tunnel_retry = 0.0
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        from bgp.api_server import ApiServer
+
+        if self.program_kernel:
+            _enable_forwarding()
+
+        if self.backend == "bird":
+            self.api = ApiServer(self.run_dir / "bgp-api.sock", self._on_line,
+                                 self._on_relay_connect)
+            await self.api.start()
+        for prefix in view.PREFIXES:
+            self._tasks.append(asyncio.create_task(self._watch(prefix), name=f"watch {prefix}"))
+        self._tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(self.grace_until - time.monotonic(), 0) + 0.1, self._wake.set)
+
+    async def run(self) -> None:
+        await self.start()
+        await asyncio.gather(*self._tasks)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.speaker.stop()
+        if self.api is not None:
+            await self.api.stop()
+
+    # -- store --
+
+    async def _watch(self, prefix: str) -> None:
+        from datastore.etcd import Resync
+
+        async for item in self.ds.watch(prefix):
+            if isinstance(item, Resync):
+                self.view.replace(prefix, ((kv.key, kv.value) for kv in item.items))
+            else:
+                self.view.put(prefix, item.key, item.value if item.type == "put" else None)
+            self._wake.set()
+
+    async def _sync_loop(self) -> None:
+        delay = 0.5
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(WINDOW)
+            self._wake.clear()
+            if not self.view.complete:
+                continue
+            try:
+                await self.sync()
+                delay = 0.5
+            except Exception as e:  # logged and retried; the loop never dies of it
+                log.exception("sync failed (retrying in %.1f s): %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                self._wake.set()
+
+    # -- one sync --
+
+    async def sync(self) -> None:
+        inputs = self.view.inputs()
+        for problem in inputs.problems:
+            log.warning("skipping %s", problem)
+        local = inputs.nodes.get(self.nodename)
+        if local is None:
+            log.info("no Node %s in the store yet; waiting for tabby-node's registration",
+                     self.nodename)
+            return
+        await self._tunnels(local, inputs)
+        learned: dict[str, str] = {}
+        if self.backend == "bird":
+            await self._bgp(local, inputs)
+            learned = self.rib.learned()
+        if self.program_kernel:
+            await self._program(local, inputs, learned)
+        self.syncs += 1
+        self._write_status(local)
+
+    async def _tunnels(self, local: NodeRecord, inputs: view.Inputs) -> None:
+        from bgp.tunnels import ensure_tunnel_addresses, tunnel_changes
+
+        if not tunnel_changes(local, inputs.pools) or time.monotonic() < self._tunnel_retry:
+            return
+        from datastore.store import ResourceStore
+        from ipam.allocator import IPAM
+
+        try:
+            for line in await ensure_tunnel_addresses(ResourceStore(self.ds), IPAM(self.ds),
+                                                      local, inputs.pools):
+                log.info("%s", line)
+        except Exception as e:  # no pool space, etcd trouble: try again later
+            self._tunnel_retry = time.monotonic() + 5.0
+            log.error("tunnel address for %s: %s", self.nodename, e)
+
+    async def _bgp(self, local: NodeRecord, inputs: view.Inputs) -> None:
+        from bgp import exabgp_conf, peers
+
+        if local.ip is None:
+            log.warning("Node %s has no spec.bgp.ipv4Address: BGP waits for it", self.nodename)
+            return
+        settings = peers.bgp_settings(inputs.bgp_config)
+        asn = peers.local_as(local, settings)
+        self.peers = peers.peers_for(local, inputs.nodes, settings, inputs.bgp_peers)
+        speaker = exabgp_conf.Speaker(router_id=str(local.ip), local_address=str(local.ip),
+                                      local_as=asn, listen_port=settings.listen_port)
+        api_argv = [sys.executable, "-m", "bgp.pipe", str(self.api.path)]
+        config = exabgp_conf.render_config(speaker, self.peers, api_argv)
+        env = exabgp_conf.render_env(speaker)
+        did = await self.speaker.apply(config, env)
+        if did != "unchanged":
+            log.info("exabgp %s: AS %d, %d peer(s): %s", did, asn, len(self.peers),
+                     ", ".join(f"{p.address} ({p.kind})" for p in self.peers) or "none")
+        if did == "restarted":
+            self.rib = rib.Rib()  # every session starts again
+        configured = {p.address for p in self.peers}
+        for address in list(self.peer_state):
+            if address not in configured:
+                del self.peer_state[address]
+                self.rib.drop_peer(address)
+        await self._announce(announce_mod.announcements(self.nodename, inputs.blocks,
+                                                        inputs.pools))
+
+    async def _announce(self, want: frozenset[str]) -> None:
+        added, removed = sorted(want - self.announced), sorted(self.announced - want)
+        if not added and not removed:
+            return
+        lines = [messages.announce(p) for p in added] + [messages.withdraw(p) for p in removed]
+        await self.api.send(lines)  # without a relay: sent in full when one connects
+        self.announced = want
+        for prefix in added:
+            log.info("announcing %s", prefix)
+        for prefix in removed:
+            log.info("withdrawing %s", prefix)
+
+    async def _program(self, local: NodeRecord, inputs: view.Inputs,
+                       learned: dict[str, str]) -> None:
+        from bgp import routes
+
+        mtu = await asyncio.to_thread(_uplink_mtu, str(local.ip) if local.ip else None)
+        plan = routes.plan(self.nodename, inputs.nodes, inputs.pools, inputs.blocks, learned,
+                           uplink_mtu=mtu)
+        keep_learned = self.backend == "bird" and time.monotonic() < self.grace_until
+        errors = await asyncio.to_thread(_apply_plan, plan, keep_learned)
+        self.routes_programmed = len(plan.routes)
+        if errors != self.last_errors:
+            for error in errors:
+                log.error("route programming: %s", error)
+        self.last_errors = errors
+
+    # -- exabgp's API channel --
+
+    async def _on_relay_connect(self) -> None:
+        self.rib = rib.Rib()  # a new relay means a new exabgp: its sessions start over
+        self.peer_state = {}
+        await self.api.send([messages.announce(p) for p in sorted(self.announced)])
+
+    async def _on_line(self, line: str) -> None:
+        msg = messages.parse_line(line)
+        if msg is None:
+            return
+        if isinstance(msg, messages.PeerState):
+            previous = self.peer_state.get(msg.peer, {}).get("state")
+            state = "up" if msg.up else "down"
+            if previous != state:
+                self.peer_state[msg.peer] = {"state": state, "since": time.time()}
+                log.info("BGP peer %s is %s", msg.peer, state)
+            if msg.up:
+                await self.api.send([messages.announce(p, neighbor=msg.peer)
+                                     for p in sorted(self.announced)])
+            elif self.rib.drop_peer(msg.peer):
+                self._wake.set()  # its routes go; the sync writes the status
+            if previous != state:
+                self._refresh_status()
+        elif isinstance(msg, messages.Update):
+            changed = self.rib.announce(msg.peer, msg.announced)
+            changed = self.rib.withdraw(msg.peer, list(msg.withdrawn)) or changed
+            if changed:
+                self._wake.set()
+
+    # -- status --
+
+    def _refresh_status(self) -> None:
+        local = self.view.inputs().nodes.get(self.nodename)
+        if local is not None:
+            self._write_status(local)
+
+    def _write_status(self, local: NodeRecord) -> None:
+        peers = []
+        for p in self.peers:
+            st = self.peer_state.get(p.address, {})
+            up = st.get("state") == "up"
+            peers.append({"address": p.address, "name": p.name, "kind": p.kind,
+                          "peer_as": p.peer_as, "state": st.get("state", "idle"),
+                          "since": st.get("since"),
+                          "info": "Established" if up else ("Active" if st else "Connect"),
+                          "routes_received": self.rib.peer_count(p.address)})
+        status.write_status(self.status_path, {
+            "node": self.nodename, "backend": self.backend, "agent_pid": os.getpid(),
+            "address": str(local.ip) if local.ip else None,
+            "speaker": {"pid": self.speaker.pid, "starts": self.speaker.starts},
+            "peers": peers, "announced": sorted(self.announced),
+            "routes_programmed": self.routes_programmed, "errors": self.last_errors,
+            "syncs": self.syncs, "updated": time.time()})
+
+
+def _enable_forwarding() -> None:
+    """A node forwards between its pods and the other nodes (Felix sets the same at start)."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    try:
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w") as f:
+            f.write("1")
+        log.info("enabled IPv4 forwarding (net.ipv4.ip_forward=1)")
+    except OSError as e:
+        log.error("cannot enable IPv4 forwarding (%s): pods on other nodes will not be reached",
+                  e)
+
+
+def _uplink_mtu(address: str | None) -> int:
+    """The MTU of the interface holding the node's address (1500 when unknown)."""
+    if address is None:
+        return 1500
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=2, address=address):
+            links = ipr.get_links(msg["index"])
+            if links:
+                return int(links[0].get_attr("IFLA_MTU") or 1500)
+    return 1500
+
+
+def _apply_plan(plan: Any, keep_learned: bool) -> list[str]:
+    """Device, VTEPs, then routes (the order bgp.vxlan documents); returns the problems."""
+    from bgp import kernel_routes, routes, vxlan
+
+    errors: list[str] = []
+    try:
+        errors += [f"vxlan: {line}" for line in vxlan.ensure_vxlan(plan.vxlan)
+                   if line.startswith("error")]
+        if plan.vxlan is not None:
+            vxlan.reconcile_vteps(plan.vteps)
+    except Exception as e:  # the routes are still worth programming
+        errors.append(f"vxlan device: {e}")
+    desired = set(plan.routes)
+    if keep_learned:  # just restarted: keep what the previous run learned until sessions are up
+        desired |= {r for r in kernel_routes.read_routes(routes.ROUTE_PROTO)
+                    if r.type != "blackhole" and r.dev != routes.VXLAN_DEVICE
+                    and r.dst not in {d.dst for d in desired}}
+    result = kernel_routes.reconcile_routes(desired)
+    return errors + list(result.errors)
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bgp.agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodename", required=True)
+    p.add_argument("-c", "--config", help="calicoctl-style config file")
+    p.add_argument("--etcd-endpoints", help="comma list of etcd URLs (overrides --config)")
+    p.add_argument("--backend", choices=BACKENDS, default="bird",
+                   help="bird: BGP with exabgp (+ VXLAN where pools use it); vxlan: no BGP")
+    p.add_argument("--run-dir", type=Path, default=Path("/run/tabby"),
+                   help="exabgp's files, the API socket and bgp-status.json")
+    p.add_argument("--log-file", default="")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--grace", type=float, default=GRACE,
+                   help=f"seconds learned routes survive a restart (default {GRACE:g})")
+    p.add_argument("--exit-with-parent", action="store_true")
+    return p.parse_args(argv)
+
+
+def setup_logging(log_file: str, level: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.WatchedFileHandler(log_file))
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+async def _parent_gone(parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; exiting", parent)
+
+
+async def run(opts: argparse.Namespace) -> int:
+    from datastore.config import ConfigError, load_config
+    from datastore.etcd import Datastore
+
+    try:
+        if opts.etcd_endpoints:
+            config = load_config(env={**os.environ, "ETCD_ENDPOINTS": opts.etcd_endpoints})
+        else:
+            config = load_config(opts.config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    ds = Datastore(config)
+    agent = RoutingAgent(opts.nodename, opts.backend, ds, opts.run_dir, grace=opts.grace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.run())]
+    if opts.exit_with_parent:
+        waits.append(asyncio.create_task(_parent_gone(os.getppid())))
+    try:
+        log.info("routing agent for node %s (backend %s, etcd %s, pid %d)", opts.nodename,
+                 opts.backend, ",".join(config.endpoints), os.getpid())
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in waits:
+            task.cancel()
+        for task in waits:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await agent.stop()
+        await ds.close()
+    log.info("stopped (programmed routes stay in place)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    try:
+        setup_logging(opts.log_file, opts.log_level)
+    except OSError as e:
+        sys.exit(f"routing agent: cannot open the log file {opts.log_file}: {e.strerror or e}")
+    sys.exit(asyncio.run(run(opts)))
+
+
+if __name__ == "__main__":
+    main()
