@@ -320,11 +320,11 @@ def _apply_plan(plan: Any, keep_learned: bool) -> list[str]:
 
     errors: list[str] = []
     try:
-        errors += [f"vxlan: {line}" for line in vxlan.ensure_vxlan(plan.vxlan)
-                   if line.startswith("error")]
+        for action in vxlan.ensure_vxlan(plan.vxlan):
+            log.info("vxlan: %s", action)
         if plan.vxlan is not None:
-            vxlan.reconcile_vteps(plan.vteps)
-    except Exception as e:  # the routes are still worth programming
+            errors += [f"vxlan: {e}" for e in vxlan.reconcile_vteps(plan.vteps).errors]
+    except Exception as e:  # VxlanError and kernel trouble: the routes are still worth it
         errors.append(f"vxlan device: {e}")
     desired = set(plan.routes)
     if keep_learned:  # just restarted: keep what the previous run learned until sessions are up

@@ -5,7 +5,9 @@ there with nsenter (gRPC's own threads must be born in the right namespace, whic
 process guarantees). Request on stdin, one JSON object:
 `{"endpoint": "http://198.18.0.2:2379", "ops": [{"op": "apply"|"ensure", "objects": [...]},
 {"op": "delete", "kind": "Pod", "apiVersion": "v1", "name": .., "namespace": ..},
-{"op": "list", "kind": "WorkloadEndpoint", "apiVersion": ..}]}`.
+{"op": "list", "kind": "WorkloadEndpoint", "apiVersion": ..},
+{"op": "claim_block" | "release_block", "node": .., "cidr": ..}]}` (an IPAM block affinity,
+claimed or given back the way a node's IPAM does it: what routing tests and benches start from).
 Reply on stdout: `{"results": [...]}` (one entry per op), or `{"error": "..."}` and exit 1.
 """
 
@@ -25,6 +27,8 @@ from datastore.store import ResourceStore
 
 async def _one(st: ResourceStore, op: dict[str, Any]) -> Any:
     what = op["op"]
+    if what in ("claim_block", "release_block"):
+        return await _block_op(st, what, op["node"], op["cidr"])
     if what in ("apply", "ensure"):
         # ensure = create unless it exists (keeps labels a user set on a Namespace)
         mode, skip = ("apply", False) if what == "apply" else ("create", True)
@@ -38,6 +42,22 @@ async def _one(st: ResourceStore, op: dict[str, Any]) -> Any:
     if what == "list":
         return await st.list(kind, op.get("namespace"))
     raise ValueError(f"unknown op {what!r}")
+
+
+async def _block_op(st: ResourceStore, what: str, node: str, cidr: str) -> Any:
+    import time
+
+    from ipam import affinity
+    from ipam.allocator import IPAM
+
+    ipam = IPAM(st.ds)
+    if what == "claim_block":
+        got = await affinity.claim(ipam._store, node, cidr, time.time_ns())
+        if got is None:
+            raise ValueError(f"block {cidr} belongs to another node")
+        return cidr
+    await ipam.release_affinity(cidr, node)
+    return cidr
 
 
 async def run(request: dict[str, Any]) -> list[Any]:

@@ -113,7 +113,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCli]:
     require_binary("/usr/lib/cni/portmap")
     cli = LabCli(f"r{os.getpid()}", tmp_path_factory.mktemp("labrun"))
     try:
-        done = cli.run("up", "--nodes", "2")
+        done = cli.run("up", "--nodes", "3")  # pods spread over 3 nodes: BGP between them
         assert done.returncode == 0, done.stdout + done.stderr
         yield cli
     finally:
