@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("datastore", "ctl", "felix", "ipam", "cni", "node", "lab")
+PACKAGES = ("datastore", "ctl", "felix", "ipam", "cni", "node", "lab", "bgp")
 
 
 def production_env(base: dict[str, str] | None = None) -> dict[str, str]:
