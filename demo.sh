@@ -1,86 +1,83 @@
 #!/usr/bin/env bash
-# The main job, until the netns lab exists: a private etcd, the user's seed policies applied with
-# tabbyctl, decisions explained against the live store, then the seed walkthroughs simulated.
-# Leaves nothing behind: its etcd is stopped (by pid) and its data removed on exit.
+# The main job: a 3-node Tabby cluster in network namespaces on an etcd it starts itself, the
+# user's seed walkthroughs run with real packets (connectivity matrix before and after each
+# policy, checked against the expected verdicts and the simulator), then a few pods left running
+# across the nodes to explore. Everything lives in namespaces named tabby-lab-demo-*; nothing
+# touches the host's own network. Tear it down with: .venv/bin/tabbyctl lab down --name demo
 set -euo pipefail
 cd "$(dirname "$0")"
 TABBYCTL=.venv/bin/tabbyctl
 [ -x "$TABBYCTL" ] || { echo "run ./install.sh first" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "the lab needs root (network namespaces)" >&2; exit 1; }
+LAB=(--name demo)
+NODES=${TABBY_DEMO_NODES:-3}
 
-work=$(mktemp -d /tmp/tabby-demo.XXXXXX)
-etcd_pid=""
-cleanup() {
-  if [ -n "$etcd_pid" ]; then kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-client=$(free_port); peer=$(free_port)
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+etcd_ns=tabby-lab-demo-etcd
+# tabbyctl against the lab's etcd: only the lab's namespaces can reach it
+ctl() { printf '\033[2m$ tabbyctl %s\033[0m\n' "$*"; ip netns exec "$etcd_ns" env ETCD_ENDPOINTS=http://198.18.0.2:2379 "$TABBYCTL" "$@"; }
 
-step "starting a private etcd on 127.0.0.1:$client"
-etcd --name demo --data-dir "$work/etcd" \
-  --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
-  --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-  --initial-cluster "demo=http://127.0.0.1:$peer" >"$work/etcd.log" 2>&1 &
-etcd_pid=$!
-export ETCD_ENDPOINTS="http://127.0.0.1:$client"
-for _ in $(seq 50); do
-  ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >/dev/null 2>&1 && break
+if "$TABBYCTL" lab status "${LAB[@]}" >/dev/null 2>&1; then
+  step "an earlier demo lab is still up: taking it down first"
+  run "$TABBYCTL" lab down "${LAB[@]}" >/dev/null
+fi
+
+step "1/6 a $NODES-node cluster: underlay bridge, etcd, nodes running tabby-node (CNI service, felix, exabgp)"
+run "$TABBYCTL" lab up --nodes "$NODES" "${LAB[@]}"
+
+step "2/6 the nodes peer over BGP (full mesh, AS 64512) — calicoctl node status, per node"
+for _ in $(seq 150); do  # until every session is up (a few seconds)
+  peers=$("$TABBYCTL" lab bgp "${LAB[@]}" 2>/dev/null || true)
+  grep -q "| up " <<<"$peers" && ! grep -q "| start \|no routing status\|is not" <<<"$peers" && break
   sleep 0.2
 done
-
-step "namespaces and pods, as kubectl users write them"
-cat > "$work/cluster.yaml" <<'YAML'
-apiVersion: v1
-kind: Namespace
-metadata: {name: dev-linuxea}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: prod-linuxea}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: pod-linuxea-1, namespace: dev-linuxea, labels: {app: linuxea.com}}
-spec: {nodeName: node2, containers: [{name: linuxeaapp, ports: [{name: http, containerPort: 80}]}]}
-status: {podIP: 172.16.4.8}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: prod-linuxea, labels: {app: client}}
-spec: {nodeName: node3, containers: [{name: client}]}
-status: {podIP: 172.16.3.46}
-YAML
-run $TABBYCTL apply -f "$work/cluster.yaml"
-run $TABBYCTL get pods -A
-
-step "seed 001: deny all ingress in dev-linuxea, then allow TCP 80/81 from 172.16.0.0/16 except 172.16.8.0/24"
-run $TABBYCTL apply -n dev-linuxea -f conf/examples/001-deny-ingress.yaml
-run $TABBYCTL policy explain --from prod-linuxea/client --to dev-linuxea/pod-linuxea-1 --port 80/TCP
-run $TABBYCTL apply -n dev-linuxea -f conf/examples/001-allow-ipblock-80-81.yaml
-run $TABBYCTL policy explain --from prod-linuxea/client --to dev-linuxea/pod-linuxea-1 --port 81/TCP
-run $TABBYCTL get networkpolicy -n dev-linuxea -o wide
-run $TABBYCTL get networkpolicy.networking.k8s.io allow-ingress -n dev-linuxea -o yaml
-
-step "seed 003: the GlobalNetworkPolicy set"
-run $TABBYCTL apply -f conf/examples/003-global-policies.yaml
-run $TABBYCTL get globalnetworkpolicy -o wide
-
-step "a bad manifest is refused with one line, and nothing is written"
-printf 'apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: broken}\nspec:\n  ingress: [{action: Allow, protocol: TCP, destination: {ports: [70000]}}]\n' > "$work/bad.yaml"
-run $TABBYCTL apply -f "$work/bad.yaml" || true
-run $TABBYCTL get globalnetworkpolicy broken || true
-
-step "what etcdctl shows: Calico's key layout"
-ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" get --prefix /calico/resources/v3/ --keys-only | sed '/^$/d'
+run "$TABBYCTL" lab bgp node1 "${LAB[@]}"
 
 for scenario in tests/scenarios/seed-001-walkthrough.yaml tests/scenarios/seed-003-global-policies.yaml \
                 tests/scenarios/seed-004-test-network-policy.yaml; do
-  step "simulated: $scenario (the seed manifests from conf/examples/, step by step)"
-  run $TABBYCTL policy simulate --check "$scenario"
+  case "$scenario" in
+    *001*) n=3; what="seed 001: kubectl NetworkPolicy walkthrough (deny all, allow all, ipBlock with except, ports)";;
+    *003*) n=4; what="seed 003: the GlobalNetworkPolicy set (tiers of order, namespaceSelector, deny-by-default)";;
+    *) n=5; what="seed 004: test-network-policy (podSelector + namespaceSelector + ipBlock, egress)";;
+  esac
+  step "$n/6 $what — pods spread over the nodes, every pair probed after each step"
+  run "$TABBYCTL" lab run "$scenario" --check --simulate "${LAB[@]}"
 done
 
-step "done: the demo etcd is stopped and its data removed"
+step "6/6 pods left running on different nodes for you to explore"
+run "$TABBYCTL" lab pod add shop/web --node node1 --labels app=web --port http:8080/TCP "${LAB[@]}"
+run "$TABBYCTL" lab pod add shop/db --node node2 --labels app=db --port pg:5432/TCP "${LAB[@]}"
+run "$TABBYCTL" lab pod add shop/client --node "node$NODES" --labels app=client "${LAB[@]}"
+cat > /tmp/tabby-demo-policy.yaml <<'YAML'
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: app == 'db'
+  types: [Ingress]
+  ingress:
+    - {action: Allow, protocol: TCP, source: {selector: app == 'web'}, destination: {ports: [5432]}}
+YAML
+ctl apply -f /tmp/tabby-demo-policy.yaml
+rm -f /tmp/tabby-demo-policy.yaml
+ctl policy explain --from shop/web --to shop/db --port 5432/TCP
+ctl policy explain --from shop/client --to shop/db --port 5432/TCP || true
+run "$TABBYCTL" lab status "${LAB[@]}"
+printf '\n\033[2m$ ip netns exec tabby-lab-demo-node1 ip route   # other nodes'"'"' blocks learned over BGP (proto 81)\033[0m\n'
+ip netns exec tabby-lab-demo-node1 ip route
+
+cat <<'TXT'
+
+== explore
+  .venv/bin/tabbyctl lab status --name demo                 nodes, pods, addresses, endpoints
+  .venv/bin/tabbyctl lab bgp --name demo                    BGP peers of every node
+  .venv/bin/tabbyctl lab exec shop/client --name demo -- python3 -c \
+      "import socket; socket.create_connection(('<db ip>', 5432), timeout=2)"   # denied: not app=web
+  .venv/bin/tabbyctl lab run tests/scenarios/calico-tiers-and-order.yaml --check --name demo
+  ip netns exec tabby-lab-demo-etcd env ETCD_ENDPOINTS=http://198.18.0.2:2379 \
+      .venv/bin/tabbyctl get networkpolicy -A -o wide        tabbyctl against the lab's etcd
+  ip netns exec tabby-lab-demo-node1 iptables-save | grep cali-   Felix's chains on node1
+== tear down
+  .venv/bin/tabbyctl lab down --name demo
+TXT

@@ -286,6 +286,17 @@ async def release_removed_nodes(ds: Datastore, node_names: Sequence[str]) -> lis
     return lines
 
 
+async def release_pool_blocks(ds: Datastore, cidrs: Sequence[str]) -> list[str]:
+    """After IPPools are deleted: their empty blocks are no longer affine to any node."""
+    from ipam.allocator import IPAM
+
+    lines = []
+    for cidr in cidrs:
+        for host, block in await IPAM(ds).release_pool_affinities(cidr):
+            lines.append(f"released block {block} of deleted pool {cidr} from node {host}")
+    return lines
+
+
 # ---- configure ------------------------------------------------------------------------------
 
 @ipam.command("configure")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ctl import output
-from ctl.ipam_cmd import ipam, release_removed_nodes
+from ctl.ipam_cmd import ipam, release_pool_blocks, release_removed_nodes
 from ctl.lab_cmd import lab
 from ctl.manifests import ManifestError, read_manifests
 from ctl.node_cmd import node
@@ -137,6 +137,12 @@ def delete(ctx: Context, kind: str | None, names: tuple[str, ...], filename: str
     for obj in deleted:
         k, name, ns = resources.identify(obj)
         click.echo(f"deleted {resources.describe(k, name, ns)}")
+    # a deleted pool's empty blocks lose their affinities (Calico's IPPool delete does this)
+    pools = [o["spec"]["cidr"] for o in deleted
+             if o.get("kind") == "IPPool" and (o.get("spec") or {}).get("cidr")]
+    if pools:
+        for line in ctx.run(lambda st: release_pool_blocks(st.ds, pools)):
+            click.echo(line)
     # a deleted node's blocks, affinities and tunnel addresses go with it (Calico's node GC)
     nodes = [name for k, name, _ in map(resources.identify, deleted) if k.name == "Node"]
     if nodes:

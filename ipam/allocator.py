@@ -450,6 +450,28 @@ class IPAM:
                 await affinity.release(self._store, hostname, block_cidr,
                                        require_empty=require_empty)
 
+    async def release_pool_affinities(self, cidr: str) -> list[tuple[str, str]]:
+        """After an IPPool is deleted (Calico does this in its pool Delete): give up every
+        host's affinity to the empty blocks inside `cidr`; blocks still holding addresses keep
+        theirs (their pods still need the routes). Returns the (host, block) pairs released."""
+        net = keys.network(cidr)
+        released = []
+        kvs, _ = await self._store.ds.list(keys.HOST_PREFIX)
+        for kv in kvs:
+            parsed = keys.parse_affinity_key(kv.key)
+            if parsed is None:
+                continue
+            host, block_cidr = parsed
+            inner = keys.network(block_cidr)
+            if inner.version != net.version or not inner.subnet_of(net):  # type: ignore[arg-type]
+                continue
+            try:
+                await affinity.release(self._store, host, block_cidr, require_empty=True)
+                released.append((host, block_cidr))
+            except BlockNotEmpty:
+                continue
+        return released
+
     # -- config --
 
     async def get_config(self) -> IPAMConfig:

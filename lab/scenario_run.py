@@ -657,11 +657,15 @@ class Run:
     # -- cleanup
 
     def _cleanup(self) -> None:
-        def attempt(what: str, fn: Callable[[], object]) -> None:
-            try:
-                fn()
-            except Exception as e:  # cleanup goes on: report and continue
-                self.say(f"cleanup: {what}: {e}")
+        def attempt(what: str, fn: Callable[[], object], tries: int = 3) -> None:
+            for left in range(tries - 1, -1, -1):
+                try:
+                    fn()
+                    return
+                except Exception as e:  # a busy etcd: again; then report and go on
+                    if not left:
+                        self.say(f"cleanup: {what}: {e}")
+                    time.sleep(1.0)
 
         for proc in self.listeners:
             with contextlib.suppress(OSError):

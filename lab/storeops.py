@@ -38,10 +38,20 @@ async def _one(st: ResourceStore, op: dict[str, Any]) -> Any:
     if what == "delete":
         gone = await st.delete_many([(kind, op["name"], op.get("namespace"), None)],
                                     skip_missing=True)
+        await _release_pools(st, gone)
         return len(gone)
     if what == "list":
         return await st.list(kind, op.get("namespace"))
     raise ValueError(f"unknown op {what!r}")
+
+
+async def _release_pools(st: ResourceStore, gone: list[dict[str, Any]]) -> None:
+    """A deleted pool's empty blocks are given up by their nodes, as `tabbyctl delete` does."""
+    from ipam.allocator import IPAM
+
+    for obj in gone:
+        if obj.get("kind") == "IPPool" and (obj.get("spec") or {}).get("cidr"):
+            await IPAM(st.ds).release_pool_affinities(obj["spec"]["cidr"])
 
 
 async def _block_op(st: ResourceStore, what: str, node: str, cidr: str) -> Any:

@@ -460,3 +460,24 @@ def test_a_pool_added_is_used_by_the_next_assignment(server: EtcdServer) -> None
         got = await ipam.auto_assign(req("h2"))
         assert got.ipv4[0].ip in ipaddress.ip_network("10.245.0.0/24")
     run(server, go)
+
+
+def test_deleted_pool_releases_its_empty_blocks_only(server: EtcdServer) -> None:
+    """Calico's IPPool delete gives up the pool's empty blocks; a block with a live address
+    keeps its affinity (its pod still needs the route), and other pools are untouched."""
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "gone", "10.9.0.0/24", 28)
+        await add_pool(ds, "kept", "10.8.0.0/24", 28)
+        ipam = IPAM(ds)
+        a = await ipam.auto_assign(req("a", "node-a", ipv4_pools=["10.9.0.0/24"]))
+        await ipam.auto_assign(req("b", "node-b", ipv4_pools=["10.9.0.0/24"]))
+        await ipam.auto_assign(req("c", "node-a", ipv4_pools=["10.8.0.0/24"]))
+        await ipam.release_by_handle("a")
+        released = await ipam.release_pool_affinities("10.9.0.0/24")
+        assert released == [("node-a", str(a.ipv4[0].network))]
+        state = await read_state(ds)
+        hosts = {cidr: block.host for cidr, (block, _) in state.blocks.items()}
+        assert str(a.ipv4[0].network) not in hosts  # empty: the block itself is gone
+        assert sorted(hosts.values()) == ["node-a", "node-b"]  # b's block and the other pool
+        assert await ipam.release_pool_affinities("10.9.0.0/24") == []
+    run(server, go)
