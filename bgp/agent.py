@@ -39,6 +39,7 @@ from typing import Any
 
 from bgp import announce as announce_mod
 from bgp import messages, rib, status, view
+from bgp.ipip import IpipDevice, ipip_device
 from bgp.model import NodeRecord
 
 WINDOW = 0.01  # s: coalesce a burst of store changes into one sync
@@ -222,7 +223,8 @@ class RoutingAgent:
         plan = routes.plan(self.nodename, inputs.nodes, inputs.pools, inputs.blocks, learned,
                            uplink_mtu=mtu)
         keep_learned = self.backend == "bird" and time.monotonic() < self.grace_until
-        errors = await asyncio.to_thread(_apply_plan, plan, keep_learned)
+        ipip = ipip_device(local, mtu) if plan.ipip else None
+        errors = await asyncio.to_thread(_apply_plan, plan, keep_learned, ipip)
         self.routes_programmed = len(plan.routes)
         if errors != self.last_errors:
             for error in errors:
@@ -314,11 +316,18 @@ def _uplink_mtu(address: str | None) -> int:
     return 1500
 
 
-def _apply_plan(plan: Any, keep_learned: bool) -> list[str]:
-    """Device, VTEPs, then routes (the order bgp.vxlan documents); returns the problems."""
+def _apply_plan(plan: Any, keep_learned: bool, ipip: IpipDevice | None = None) -> list[str]:
+    """Devices, VTEPs, then routes (the order bgp.vxlan documents); returns the problems."""
     from bgp import kernel_routes, routes, vxlan
+    from bgp.ipip import IpipError, ensure_ipip
 
     errors: list[str] = []
+    if ipip is not None:
+        try:
+            for action in ensure_ipip(ipip):
+                log.info("tunl0: %s", action)
+        except (IpipError, OSError) as e:
+            errors.append(f"ipip: {e}")
     try:
         for action in vxlan.ensure_vxlan(plan.vxlan):
             log.info("vxlan: %s", action)
