@@ -16,9 +16,9 @@ runs in the node's network namespace (tabby-node starts it as a supervised child
   routes to a neighbor added by a reload); updates feed the RIB (`bgp.rib`), a session going down
   drops that peer's routes, and either triggers a sync.
 - IPv4 forwarding is switched on at start (a node routes for its pods).
-- Restart: the kernel keeps the routes of the previous run; for GRACE seconds after start the
-  learned ones are kept (not removed) while the sessions come back, so a restart of the agent
-  or tabby-node does not black-hole other nodes' pods.
+- Restart: the kernel keeps the routes of the previous run; for GRACE seconds after start (and
+  after exabgp itself restarted) the learned ones are kept (not removed) while the sessions come
+  back, so a restart of the agent, exabgp or tabby-node does not black-hole other nodes' pods.
 - `<run dir>/bgp-status.json` says what the speaker and each peer are doing (`tabbyctl node
   status` reads it).
 """
@@ -60,7 +60,9 @@ class RoutingAgent:
         self.nodename, self.backend, self.ds = nodename, backend, ds
         self.run_dir = run_dir
         self.status_path = status_path or run_dir / "bgp-status.json"
+        self.grace = grace
         self.grace_until = time.monotonic() + grace
+        self.stale: set[str] | None = None  # learned routes of a previous speaker, kept in grace
         self.program_kernel = program_kernel
         self.view = view.StoreView()
         self.rib = rib.Rib()
@@ -222,9 +224,15 @@ class RoutingAgent:
         mtu = await asyncio.to_thread(_uplink_mtu, str(local.ip) if local.ip else None)
         plan = routes.plan(self.nodename, inputs.nodes, inputs.pools, inputs.blocks, learned,
                            uplink_mtu=mtu)
-        keep_learned = self.backend == "bird" and time.monotonic() < self.grace_until
+        keep: frozenset[str] = frozenset()
+        if self.backend == "bird" and time.monotonic() < self.grace_until:
+            if self.stale is None:
+                self.stale = await asyncio.to_thread(_learned_in_kernel)
+            keep = frozenset(self.stale)
+        else:
+            self.stale = None
         ipip = ipip_device(local, mtu) if plan.ipip else None
-        errors = await asyncio.to_thread(_apply_plan, plan, keep_learned, ipip)
+        errors = await asyncio.to_thread(_apply_plan, plan, keep, ipip)
         self.routes_programmed = len(plan.routes)
         if errors != self.last_errors:
             for error in errors:
@@ -237,6 +245,13 @@ class RoutingAgent:
         self.rib = rib.Rib()  # a new relay means a new exabgp: its sessions start over
         self.peer_state = {}
         await self.api.send([messages.announce(p) for p in sorted(self.announced)])
+        # what the old speaker learned stays in the kernel while the sessions come back
+        self.stale = None  # read again at the next sync
+        self._extend_grace()
+
+    def _extend_grace(self) -> None:
+        self.grace_until = max(self.grace_until, time.monotonic() + self.grace)
+        asyncio.get_running_loop().call_later(self.grace + 0.1, self._wake.set)
 
     async def _on_line(self, line: str) -> None:
         msg = messages.parse_line(line)
@@ -258,6 +273,9 @@ class RoutingAgent:
         elif isinstance(msg, messages.Update):
             changed = self.rib.announce(msg.peer, msg.announced)
             changed = self.rib.withdraw(msg.peer, list(msg.withdrawn)) or changed
+            if self.stale and msg.withdrawn:  # withdrawn for real: no longer kept in grace
+                self.stale.difference_update(msg.withdrawn)
+                changed = True
             if changed:
                 self._wake.set()
 
@@ -316,7 +334,16 @@ def _uplink_mtu(address: str | None) -> int:
     return 1500
 
 
-def _apply_plan(plan: Any, keep_learned: bool, ipip: IpipDevice | None = None) -> list[str]:
+def _learned_in_kernel() -> set[str]:
+    """Destinations of our routes that came from BGP (not blackholes, not VXLAN)."""
+    from bgp import kernel_routes, routes
+
+    return {r.dst for r in kernel_routes.read_routes(routes.ROUTE_PROTO)
+            if r.type != "blackhole" and r.dev != routes.VXLAN_DEVICE}
+
+
+def _apply_plan(plan: Any, keep: frozenset[str] = frozenset(),
+                ipip: IpipDevice | None = None) -> list[str]:
     """Devices, VTEPs, then routes (the order bgp.vxlan documents); returns the problems."""
     from bgp import kernel_routes, routes, vxlan
     from bgp.ipip import IpipError, ensure_ipip
@@ -336,10 +363,10 @@ def _apply_plan(plan: Any, keep_learned: bool, ipip: IpipDevice | None = None) -
     except Exception as e:  # VxlanError and kernel trouble: the routes are still worth it
         errors.append(f"vxlan device: {e}")
     desired = set(plan.routes)
-    if keep_learned:  # just restarted: keep what the previous run learned until sessions are up
+    if keep:  # just restarted: keep what the previous speaker learned until sessions are up
+        wanted = {d.dst for d in desired}
         desired |= {r for r in kernel_routes.read_routes(routes.ROUTE_PROTO)
-                    if r.type != "blackhole" and r.dev != routes.VXLAN_DEVICE
-                    and r.dst not in {d.dst for d in desired}}
+                    if r.dst in keep and r.dst not in wanted}
     result = kernel_routes.reconcile_routes(desired)
     return errors + list(result.errors)
 
