@@ -1,9 +1,10 @@
 """Routing on the lab's underlay for pods on several nodes, and external hosts.
 
-The lab has no BGP yet, so nothing tells the underlay (the lab's router, its bridge namespace)
-where a pod lives: `route_pod` adds the /32 route a BGP speaker would advertise (`ip route
-replace POD/32 via NODE`), and `enable_forwarding` turns on IPv4 forwarding in the underlay and
-the nodes (as Calico's node does on a host). An external is a namespace `tabby-lab-<lab>-ext-<k>`
+The nodes route to each other's pods themselves (their routing agents: BGP or VXLAN), but the
+underlay namespace (the lab's gateway, through which externals reach pods) does not peer: for
+`lab run`, `route_pod` gives it the /32 route a ToR router would learn (`ip route replace
+POD/32 via NODE`), and `enable_forwarding` turns on IPv4 forwarding in the underlay and the
+nodes (the routing agent does the same on each node). An external is a namespace `tabby-lab-<lab>-ext-<k>`
 on the underlay bridge with its fixed address (a /32 on eth0, default route via the underlay's
 gateway on-link); the underlay routes that /32 onto the bridge. Everything here happens inside lab
 namespaces, and each namespace is recorded in the lab's state before it is created.
