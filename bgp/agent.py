@@ -76,7 +76,6 @@ class RoutingAgent:
         self.syncs = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._speaker_key: tuple[str, int, int] | None = None
         self._tunnel_retry = 0.0
 
     # -- lifecycle --
@@ -86,7 +85,6 @@ class RoutingAgent:
 
         if self.program_kernel:
             _enable_forwarding()
-
         if self.backend == "bird":
             self.api = ApiServer(self.run_dir / "bgp-api.sock", self._on_line,
                                  self._on_relay_connect)
