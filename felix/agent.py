@@ -6,7 +6,9 @@ ipsets in the network namespace it runs in (tabby-node starts it there as a chil
 One watch on the Calico resource prefix feeds an in-memory mirror of the store (`felix.mirror`);
 a full listing (at start and after a compaction) replaces it. Changes are coalesced
 (`felix.sync_state`): a burst becomes one sync, which renders everything for this node and
-applies it (`felix.dataplane.apply_dataplane`). Nothing is written before the first listing is
+applies it (`felix.dataplane.apply_dataplane`). What the previous sync computed is kept
+(`SyncCaches`), so a sync only recomputes what the changes touch; its output is the same as a
+render from scratch. Nothing is written before the first listing is
 loaded, so a restarted agent leaves the previous rules in place until the new state replaces
 them; stale Tabby chains and sets are swept only after the first complete sync. A failed sync
 is logged and retried with backoff; the loop never dies of it. A drift check re-reads the
@@ -26,19 +28,21 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datastore.etcd import Event, Resync
-from datastore.snapshot import Resource
+from datastore.snapshot import Resource, Snapshot
 from felix.agent_config import merged_felix_spec, render_config
-from felix.calc import CompileCache, PolicyIndex
+from felix.calc import PolicyIndex
+from felix.calc_memo import IndexMemo
 from felix.counters import DeniedCounters
 from felix.dataplane import ApplyStats, DataplaneState, apply_dataplane
 from felix.host_interfaces import read_host_interfaces
 from felix.metrics import DEFAULT_PORT, Metrics, MetricsServer
 from felix.mirror import WATCH_PREFIX, StoreMirror, build_snapshot
 from felix.render import local_endpoints, render_with_report
+from felix.render_cache import RenderCache
 from felix.render_config import RenderConfig
 from felix.sync_state import WINDOW, SyncState
 
@@ -63,32 +67,58 @@ class SyncResult:
     render_s: float
 
 
-# The calling agent's CompileCache (set by FelixAgent._sync for the sync it runs).
-_COMPILE_CACHE: contextvars.ContextVar[CompileCache | None] = contextvars.ContextVar(
-    "felix_compile_cache", default=None)
+@dataclass
+class SyncCaches:
+    """What an agent keeps from one sync to the next: compiled objects and PolicyIndex
+    answers (`IndexMemo`) and the pieces of the last rendering (`RenderCache`)."""
+
+    memo: IndexMemo = field(default_factory=IndexMemo)
+    render: RenderCache = field(default_factory=RenderCache)
+
+    def retain(self, objects: Mapping[str, Resource], snapshot: Snapshot) -> None:
+        """Forget compiled objects no longer in the store, once they pile up."""
+        cache = self.memo.cache
+        if len(cache) > 4 * len(objects) + 64:
+            cache.retain([*objects.values(), *(o for kind in Snapshot.FIELDS.values()
+                                               for o in getattr(snapshot, kind))])
+
+
+# The calling agent's caches (set by FelixAgent._sync for the sync it runs).
+_SYNC_CACHES: contextvars.ContextVar[SyncCaches | None] = contextvars.ContextVar(
+    "felix_sync_caches", default=None)
+
+
+def _needs_host_interfaces(snapshot: Snapshot, node: str) -> bool:
+    """Only a local host endpoint without interfaceName is resolved by the node's addresses;
+    otherwise reading them (a subprocess) cannot change the rendering."""
+    for hep in snapshot.host_endpoints:
+        spec = hep.get("spec") or {}
+        if spec.get("node", "") == node and not spec.get("interfaceName"):
+            return True
+    return False
 
 
 def sync_once(objects: Mapping[str, Resource], node: str, state: DataplaneState,
-              base: RenderConfig, *, sweep: bool, cache: CompileCache | None = None
+              base: RenderConfig, *, sweep: bool, cache: SyncCaches | None = None
               ) -> SyncResult:
     """Render the whole dataplane for `node` from `objects` and apply it (blocking).
 
-    `cache` keeps compiled policies and profiles between calls; only for `objects` whose
-    values are replaced, never mutated in place (as the agent's mirror's)."""
+    `cache` keeps what was computed between calls; only for `objects` whose values are
+    replaced, never mutated in place (as the agent's mirror's)."""
     start = time.perf_counter()
     if cache is None:
-        cache = _COMPILE_CACHE.get()
-    snapshot, problems = build_snapshot(objects, cache)
+        cache = _SYNC_CACHES.get()
+    snapshot, problems = build_snapshot(objects, cache.memo.cache if cache else None)
     pools = [o for o in objects.values() if o.get("kind") == "IPPool"]
     felix = merged_felix_spec((o for o in objects.values()
                                if o.get("kind") == "FelixConfiguration"), node)
-    config = replace(render_config(pools, felix, base),
-                     host_interfaces=read_host_interfaces(state.runner))
-    index = PolicyIndex(snapshot, cache)
+    config = render_config(pools, felix, base)
+    if _needs_host_interfaces(snapshot, node):
+        config = replace(config, host_interfaces=read_host_interfaces(state.runner))
+    index = cache.memo.index(snapshot) if cache else PolicyIndex(snapshot)
     if cache is not None:
-        cache.retain([*snapshot.profiles, *snapshot.network_policies,
-                      *snapshot.global_network_policies])
-    result = render_with_report(index, node, config)
+        cache.retain(objects, snapshot)
+    result = render_with_report(index, node, config, cache.render if cache else None)
     render_s = time.perf_counter() - start
     stats = apply_dataplane(result.dataplane, state, sweep=sweep)
     dp = result.dataplane
@@ -119,7 +149,7 @@ class FelixAgent:
         self.metrics.collectors.append(DeniedCounters(dataplane).metrics_text)  # denied per policy
         self.base = base or RenderConfig()
         self.mirror = StoreMirror()
-        self.compiled = CompileCache()  # the mirror's policies and profiles, across syncs
+        self.caches = SyncCaches()  # what each sync keeps for the next
         self.sync = SyncState(window=window)
         self.drift_interval = drift_interval
         self.on_ready = on_ready
@@ -186,11 +216,12 @@ class FelixAgent:
         revision = self.mirror.revision
         self.metrics.inc("felix_syncs_total")
         try:
-            # to_thread runs sync_once in a copy of this context: it finds our cache there
-            _COMPILE_CACHE.set(self.compiled)
+            # to_thread runs sync_once in a copy of this context: it finds our caches there
+            _SYNC_CACHES.set(self.caches)
             result = await asyncio.to_thread(sync_once, objects, self.node, self.dataplane,
                                              self.base, sweep=sweep)
         except Exception as e:  # render or apply failed: the old rules stay; try again later
+            self.caches = SyncCaches()  # and the retry starts from scratch
             delay = self.sync.failed(time.monotonic())
             self.metrics.inc("felix_sync_errors_total")
             self.metrics.set("felix_in_sync", 0)

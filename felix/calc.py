@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Generic, Literal, TypeVar
 
 from datastore.selector import Selector, parse
@@ -69,7 +70,7 @@ class PolicyId:
     def short_kind(self) -> str:
         return _SHORT_KINDS.get(self.kind, self.kind)
 
-    @property
+    @cached_property
     def chain_id(self) -> str:
         """Felix's policy ID (`knp/ns/name`, `gnp/name`), the base of its chain names."""
         parts = [self.short_kind, self.namespace, self.name]
@@ -213,39 +214,71 @@ def compile_profile(obj: Resource) -> CompiledProfile:
     )
 
 
+_Deps = tuple[Any, ...]
+
+
 class CompileCache:
-    """compile_policy / compile_profile results, reused while the very same object is seen.
+    """Compiled forms of store objects, reused while the very same object is seen.
 
     Keyed by object identity (the object is held, so its id cannot be reused): only for
     callers whose objects are replaced, never mutated in place (the agent's StoreMirror).
-    `retain` drops entries for objects no longer present. Failures are not cached.
+    Endpoints and network sets also depend on the labels their profiles apply, which are
+    compared by value. `retain` drops entries for objects no longer present. A compile that
+    raises is not cached.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[Resource, CompiledPolicy | CompiledProfile]] = {}
+        self._entries: dict[tuple[int, str], tuple[Resource, _Deps, Any]] = {}
 
-    def _get(self, obj: Resource, compile_fn: Any) -> Any:
-        entry = self._entries.get(id(obj))
-        if entry is not None and entry[0] is obj:
-            return entry[1]
+    def memo(self, obj: Resource, what: str, compile_fn: Any, deps: _Deps = ()) -> Any:
+        """`compile_fn(obj)`, or its earlier result for this very object and equal `deps`."""
+        key = (id(obj), what)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is obj and entry[1] == deps:
+            return entry[2]
         compiled = compile_fn(obj)
-        self._entries[id(obj)] = (obj, compiled)
+        self._entries[key] = (obj, deps, compiled)
         return compiled
 
     def policy(self, obj: Resource) -> CompiledPolicy:
-        compiled: CompiledPolicy = self._get(obj, compile_policy)
+        compiled: CompiledPolicy = self.memo(obj, "policy", compile_policy)
         return compiled
 
     def profile(self, obj: Resource) -> CompiledProfile:
-        compiled: CompiledProfile = self._get(obj, compile_profile)
+        compiled: CompiledProfile = self.memo(obj, "profile", compile_profile)
+        return compiled
+
+    def workload(self, obj: Resource, profiles: Mapping[str, CompiledProfile]) -> Endpoint:
+        names = (obj.get("spec") or {}).get("profiles") or ()
+        compiled: Endpoint = self.memo(obj, "workload", lambda o: workload_endpoint(o, profiles),
+                                       _inherited(names, profiles))
+        return compiled
+
+    def host(self, obj: Resource, profiles: Mapping[str, CompiledProfile]) -> Endpoint:
+        names = (obj.get("spec") or {}).get("profiles") or ()
+        compiled: Endpoint = self.memo(obj, "host", lambda o: host_endpoint(o, profiles),
+                                       _inherited(names, profiles))
+        return compiled
+
+    def network_set(self, obj: Resource, profiles: Mapping[str, CompiledProfile]) -> NetworkSet:
+        namespace = obj["metadata"].get("namespace") if obj.get("kind") == "NetworkSet" else None
+        names = (NAMESPACE_PROFILE_PREFIX + namespace,) if namespace else ()
+        compiled: NetworkSet = self.memo(obj, "netset", lambda o: network_set(o, profiles),
+                                         _inherited(names, profiles))
         return compiled
 
     def retain(self, objects: Iterable[Resource]) -> None:
         keep = {id(o) for o in objects}
-        self._entries = {k: e for k, e in self._entries.items() if k in keep}
+        self._entries = {k: e for k, e in self._entries.items() if k[0] in keep}
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _inherited(names: Iterable[str], profiles: Mapping[str, CompiledProfile]) -> _Deps:
+    """What an object's labels take from its profiles: their labelsToApply, in order."""
+    return tuple(p.labels_to_apply if (p := profiles.get(n)) is not None else None
+                 for n in names)
 
 
 def missing_profile(name: str) -> CompiledProfile:
@@ -454,14 +487,17 @@ def network_set(obj: Resource, profiles: Mapping[str, CompiledProfile]) -> Netwo
 NamedPortMember = tuple[IPAddress, int, int]  # (ip, protocol number, port)
 
 
-def _applies(policy: CompiledPolicy, endpoint: Endpoint, direction: Direction) -> bool:
+def workload_kind(policy: CompiledPolicy, direction: Direction) -> bool:
+    """Whether the policy is of the kind `tiers_for` lists in `direction` (selector aside)."""
     if policy.staged or direction not in policy.types:
         return False
     # preDNAT and doNotTrack policies live in the raw/mangle tables, which this model omits
     # (and which never apply to workloads).
-    if policy.pre_dnat or policy.do_not_track:
-        return False
-    return policy.selector.matches(endpoint.labels)
+    return not (policy.pre_dnat or policy.do_not_track)
+
+
+def _applies(policy: CompiledPolicy, endpoint: Endpoint, direction: Direction) -> bool:
+    return workload_kind(policy, direction) and policy.selector.matches(endpoint.labels)
 
 
 # Which of a host endpoint's policy lists (Felix's tierInfoToProtoTierInfo): normal filter policy,
@@ -479,7 +515,21 @@ def _host_kind(policy: CompiledPolicy, kind: HostPolicyKind) -> bool:
     return kind == "normal" or policy.apply_on_forward
 
 
-def _group(chosen: Iterable[tuple[Tier, CompiledPolicy]]) -> list[TierPolicies]:
+def host_kind(policy: CompiledPolicy, direction: Direction, kind: HostPolicyKind) -> bool:
+    """Whether the policy is in a host endpoint's `kind` list in `direction` (selector aside)."""
+    return _host_kind(policy, kind) and not policy.staged and direction in policy.types
+
+
+def host_tiers(tiers: list[TierPolicies], kind: HostPolicyKind) -> list[TierPolicies]:
+    """Untracked and preDNAT tiers never end in a drop (the filter table still decides), so
+    they carry defaultAction Pass, as Felix gives them."""
+    if kind in ("untracked", "prednat"):
+        return [TierPolicies(replace(tp.tier, default_action="Pass"), tp.policies)
+                for tp in tiers]
+    return tiers
+
+
+def group_tiers(chosen: Iterable[tuple[Tier, CompiledPolicy]]) -> list[TierPolicies]:
     """Consecutive (tier, policy) pairs, in order, as one TierPolicies per tier."""
     out: list[TierPolicies] = []
     tier: Tier | None = None
@@ -567,21 +617,23 @@ class PolicyIndex:
     def __init__(self, snapshot: Snapshot, cache: CompileCache | None = None) -> None:
         """`cache`, when given, supplies (and keeps) the compiled policies and profiles."""
         self.profiles: dict[str, CompiledProfile] = {
-            p.name: p
-            for p in map(cache.profile if cache else compile_profile, snapshot.profiles)
+            p.name: p for p in map(cache.profile if cache is not None else compile_profile,
+                                   snapshot.profiles)
         }
         self.policies: tuple[CompiledPolicy, ...] = tuple(
-            map(cache.policy if cache else compile_policy,
+            map(cache.policy if cache is not None else compile_policy,
                 [*snapshot.global_network_policies, *snapshot.network_policies])
         )
         tiers = _tiers(snapshot.tiers, self.policies)
         self.tiers: tuple[Tier, ...] = tuple(sorted(tiers.values(), key=lambda t: t.sort_key))
+        wep, hep, netset = ((cache.workload, cache.host, cache.network_set) if cache is not None
+                            else (workload_endpoint, host_endpoint, network_set))
         self.endpoints: tuple[Endpoint, ...] = (
-            *(workload_endpoint(w, self.profiles) for w in snapshot.workload_endpoints),
-            *(host_endpoint(h, self.profiles) for h in snapshot.host_endpoints),
+            *(wep(w, self.profiles) for w in snapshot.workload_endpoints),
+            *(hep(h, self.profiles) for h in snapshot.host_endpoints),
         )
         self.network_sets: tuple[NetworkSet, ...] = tuple(
-            network_set(s, self.profiles)
+            netset(s, self.profiles)
             for s in [*snapshot.network_sets, *snapshot.global_network_sets]
         )
         self._by_tier: dict[str, list[CompiledPolicy]] = {t.name: [] for t in self.tiers}
@@ -610,34 +662,28 @@ class PolicyIndex:
         matches `labels` (each policy with a required label term is left out unless
         `labels` satisfies that term)."""
         if self._policy_buckets is None:
-            self._policy_buckets = _PolicyBuckets(
-                [(t, p) for t in self.tiers for p in self._by_tier[t.name]],
-                self._endpoint_index())
+            self._policy_buckets = _PolicyBuckets(self.ordered_policies(),
+                                                  self._endpoint_index())
         return self._policy_buckets.candidates(labels)
+
+    def ordered_policies(self) -> list[tuple[Tier, CompiledPolicy]]:
+        """Every (tier, policy), in tier then policy order."""
+        return [(t, p) for t in self.tiers for p in self._by_tier[t.name]]
 
     # -- what applies to an endpoint
 
     def tiers_for(self, endpoint: Endpoint, direction: Direction) -> list[TierPolicies]:
         """Tiers in order, each with its ordered policies that apply; tiers with none omitted."""
-        return _group(
+        return group_tiers(
             (tier, p) for tier, p in self._candidate_policies(endpoint.labels)
             if _applies(p, endpoint, direction))
 
     def host_tiers_for(self, endpoint: Endpoint, direction: Direction,
                        kind: HostPolicyKind) -> list[TierPolicies]:
-        """A host endpoint's tiers of one kind; "normal" is `tiers_for`.
-
-        Untracked and preDNAT tiers never end in a drop (the filter table still decides), so
-        they carry defaultAction Pass, as Felix gives them.
-        """
-        out = _group(
+        """A host endpoint's tiers of one kind; "normal" is `tiers_for` (see `host_tiers`)."""
+        return host_tiers(group_tiers(
             (tier, p) for tier, p in self._candidate_policies(endpoint.labels)
-            if _host_kind(p, kind) and not p.staged and direction in p.types
-            and p.selector.matches(endpoint.labels))
-        if kind in ("untracked", "prednat"):
-            out = [TierPolicies(replace(tp.tier, default_action="Pass"), tp.policies)
-                   for tp in out]
-        return out
+            if host_kind(p, direction, kind) and p.selector.matches(endpoint.labels)), kind)
 
     def profiles_for(self, endpoint: Endpoint) -> list[CompiledProfile]:
         return [self.profiles.get(n) or missing_profile(n) for n in endpoint.profiles]
@@ -664,10 +710,8 @@ class PolicyIndex:
         """What Felix's IP set for `selector` holds: nets of every matching endpoint/network set."""
         members = self._members.get(selector)
         if members is None:
-            contributors = self._contributor_index().candidates(selector)
-            members = frozenset(
-                net for c in contributors if selector.matches(c.labels) for net in c.nets
-            )
+            members = frozenset(matching_nets(selector,
+                                              self._contributor_index().candidates(selector)))
             self._members[selector] = members
         return members
 
@@ -680,16 +724,30 @@ class PolicyIndex:
         key = (selector, name, protocol)
         members = self._named.get(key)
         if members is None:
-            members = frozenset(
-                (net.network_address, port.protocol, port.port)
-                for ep in self._endpoint_index().candidates(selector)
-                if selector.matches(ep.labels)
-                for port in ep.ports
-                if port.name == name and (protocol is None or port.protocol == protocol)
-                for net in ep.nets
-            )
+            members = frozenset(matching_ports(
+                key, self._endpoint_index().candidates(selector)))
             self._named[key] = members
         return members
+
+
+NamedPortKey = tuple[Selector, str, int | None]  # (selector, port name, rule's protocol)
+
+
+def matching_nets(selector: Selector,
+                  contributors: Iterable[Endpoint | NetworkSet]) -> Iterator[IPNetwork]:
+    """The nets a selector's IP set gets from these contributors (repeats included)."""
+    return (net for c in contributors if selector.matches(c.labels) for net in c.nets)
+
+
+def matching_ports(key: NamedPortKey, endpoints: Iterable[Endpoint | NetworkSet]
+                   ) -> Iterator[NamedPortMember]:
+    """The members a named-port IP set gets from these endpoints (network sets have none)."""
+    selector, name, protocol = key
+    return ((net.network_address, port.protocol, port.port)
+            for ep in endpoints if isinstance(ep, Endpoint) and selector.matches(ep.labels)
+            for port in ep.ports
+            if port.name == name and (protocol is None or port.protocol == protocol)
+            for net in ep.nets)
 
 
 def ip_address(text: str) -> IPAddress | None:

@@ -9,8 +9,9 @@ so the DROP rules of the last rendering can be found again in `iptables-save -c`
 * a profile chain (`cali-pri-*` / `cali-pro-*`) likewise, with the comment "Profile <name> <dir>"
   (kind "profile", no tier);
 * an endpoint chain (`cali-tw-`/`cali-fh*` ingress, `cali-fw-`/`cali-th*` egress) has per tier a
-  "Start of tier T" rule, jumps to the tier's policy chains (which tells each policy chain its
-  tier), and the end-of-tier DROP commented "End of tier T. ..." (kind "end-of-tier"), counted
+  "Start of tier T" rule, jumps to the tier's policy chains, directly or through a group chain
+  (`cali-gi-`/`cali-go-`, a run of guarded jumps), which tells each policy chain its tier, and
+  the end-of-tier DROP commented "End of tier T. ..." (kind "end-of-tier"), counted
   for the policies of that tier the endpoint jumped to, joined by "," in order: a deny-all
   Kubernetes policy has no Deny rule, its drops are the end of its tier.
 
@@ -28,10 +29,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from felix.dataplane.apply import DataplaneState
-from felix.model import Chain, Table, rule_hashes
+from felix.model import Chain, Rule, Table, rule_hashes
 from felix.render_names import (
     FROM_HOST,
     FROM_WORKLOAD,
+    GROUP_IN,
+    GROUP_OUT,
     POLICY_IN,
     POLICY_OUT,
     PROFILE_IN,
@@ -98,7 +101,37 @@ def _policy_owners(chains: Iterable[Chain]) -> dict[str, tuple[str, str, str, st
             and (owner := _owner(c)) is not None}
 
 
-def _tiers_of_policy_chains(chains: Iterable[Chain]) -> dict[str, str]:
+Groups = dict[str, list[str]]  # group chain -> the policy chains it jumps to, in order
+
+
+def _groups(chains: Iterable[Chain]) -> Groups:
+    """Each group chain's policy chains, through the groups it holds (a tree: a group's name
+    hashes its rules, so it cannot hold itself)."""
+    direct = {c.name: [r.action.removeprefix("-j ") for r in c.rules]
+              for c in chains if c.name.startswith((GROUP_IN, GROUP_OUT))}
+    flat: Groups = {}
+
+    def expand(name: str) -> list[str]:
+        if name not in flat:
+            flat[name] = [p for t in direct[name]
+                          for p in (expand(t) if t in direct else [t])
+                          if p.startswith((POLICY_IN, POLICY_OUT))]
+        return flat[name]
+
+    for name in direct:
+        expand(name)
+    return flat
+
+
+def _policy_targets(rule: Rule, groups: Groups) -> list[str]:
+    """The policy chains a rule of an endpoint chain jumps to (through a group or not)."""
+    target = rule.action.removeprefix("-j ")
+    if target.startswith((POLICY_IN, POLICY_OUT)):
+        return [target]
+    return groups.get(target, [])
+
+
+def _tiers_of_policy_chains(chains: Iterable[Chain], groups: Groups) -> dict[str, str]:
     tiers: dict[str, str] = {}
     for chain in chains:
         if _endpoint_direction(chain.name) is None:
@@ -107,9 +140,8 @@ def _tiers_of_policy_chains(chains: Iterable[Chain]) -> dict[str, str]:
         for rule in chain.rules:
             if rule.comment.startswith(TIER_START):
                 tier = rule.comment[len(TIER_START):]
-            target = rule.action.removeprefix("-j ")
-            if tier and target.startswith((POLICY_IN, POLICY_OUT)):
-                tiers[target] = tier
+            if tier:
+                tiers.update((target, tier) for target in _policy_targets(rule, groups))
     return tiers
 
 
@@ -125,16 +157,15 @@ def _end_of_tier_key(tier: str, jumped: list[str], direction: str,
 
 
 def _endpoint_denies(chain: Chain, direction: str,
-                     owners: Mapping[str, tuple[str, str, str, str]]) -> dict[str, DenyKey]:
+                     owners: Mapping[str, tuple[str, str, str, str]],
+                     groups: Groups) -> dict[str, DenyKey]:
     out: dict[str, DenyKey] = {}
     hashes: list[str] | None = None
     jumped: list[str] = []
     for i, rule in enumerate(chain.rules):
         if rule.comment.startswith(TIER_START):
             jumped = []
-        target = rule.action.removeprefix("-j ")
-        if target.startswith((POLICY_IN, POLICY_OUT)):
-            jumped.append(target)
+        jumped += _policy_targets(rule, groups)
         if _is_deny(rule.action) and rule.comment.startswith(TIER_END):
             tier = rule.comment[len(TIER_END):].split(". ", 1)[0]
             hashes = hashes if hashes is not None else rule_hashes(chain)
@@ -174,12 +205,13 @@ def table_denies(table: Table) -> dict[str, DenyKey]:
     """Rule hash -> what that DROP rule denies for, in one table."""
     chains = table.chains.values()
     owners = _policy_owners(chains)
-    tiers = _tiers_of_policy_chains(chains)
+    groups = _groups(chains)
+    tiers = _tiers_of_policy_chains(chains, groups)
     found: dict[str, DenyKey] = {}
     for chain in chains:
         direction = _endpoint_direction(chain.name)
         if direction is not None:
-            found.update(_endpoint_denies(chain, direction, owners))
+            found.update(_endpoint_denies(chain, direction, owners, groups))
         else:
             found.update(_chain_denies(chain, tiers))
     return found

@@ -143,26 +143,35 @@ def _describe(obj: Resource) -> str:
 
 def _fail_closed(obj: Resource, problems: list[Problem],
                  cache: CompileCache | None = None) -> Resource | None:
+    if cache is None:
+        fixed, problem = _checked(obj, None)
+    else:  # the same object gets the same verdict (and the same stand-in) as last time
+        fixed, problem = cache.memo(obj, "checked", lambda o: _checked(o, cache))
+    if problem is not None:
+        problems.append(problem)
+    return fixed
+
+
+def _checked(obj: Resource, cache: CompileCache | None) -> tuple[Resource | None,
+                                                                  Problem | None]:
     kind = obj.get("kind", "")
     try:
         if kind in POLICY_KINDS:
-            cache.policy(obj) if cache else compile_policy(obj)
+            cache.policy(obj) if cache is not None else compile_policy(obj)
         elif kind == "Profile":
-            cache.profile(obj) if cache else compile_profile(obj)
+            cache.profile(obj) if cache is not None else compile_profile(obj)
         elif kind == "WorkloadEndpoint":
             workload_endpoint(obj, {})
         elif kind == "HostEndpoint":
             host_endpoint(obj, {})
-        return obj
+        return obj, None
     except Exception as e:  # any compile error: this object must not open traffic
         reason = f"{type(e).__name__}: {e}"
     if kind not in POLICY_KINDS:
-        problems.append(Problem(_describe(obj), f"{reason}; left out (its traffic is denied)"))
-        return None
+        return None, Problem(_describe(obj), f"{reason}; left out (its traffic is denied)")
     deny = _deny_policy(obj)
     scope = deny["spec"].get("selector") or "all()"
-    problems.append(Problem(_describe(obj), f"{reason}; enforced as deny-all for {scope}"))
-    return deny
+    return deny, Problem(_describe(obj), f"{reason}; enforced as deny-all for {scope}")
 
 
 def _deny_policy(obj: Resource) -> Resource:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from felix.rules import IPNetwork, parse_net
@@ -82,8 +83,8 @@ class RenderConfig:
     # filled in by the agent: host endpoints naming only expectedIPs are resolved against them.
     host_interfaces: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
-    @property
-    def marks(self) -> MarkBits:
+    @cached_property
+    def marks(self) -> MarkBits:  # asked for per chain; worth computing once
         return MarkBits.from_mask(self.mark_mask)
 
     @property

@@ -13,12 +13,20 @@ skips traffic to local workloads first (host -> local pod is never policed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from felix.model import Chain, Rule
+from felix.render_cache import RenderCache
 from felix.render_config import RenderConfig
-from felix.render_endpoints import ChainKind, ChainOptions, EndpointSpec, dispatch_chain
-from felix.render_endpoints import endpoint_chain as build_endpoint_chain
+from felix.render_endpoints import (
+    ChainKind,
+    ChainOptions,
+    EndpointSpec,
+    GuardOf,
+    dispatch_chain,
+    endpoint_chains,
+    tier_jumps,
+)
 from felix.render_hosts import HostPlan
 from felix.render_names import (
     FAILSAFE_IN,
@@ -36,19 +44,34 @@ from felix.render_names import (
 from felix.rules import Direction
 
 
-def _chain(host: HostPlan, prefix: str, kind: ChainKind, opts: ChainOptions) -> Chain:
-    """One endpoint chain: `cali-fh*` prefixes are ingress (into the host), `cali-th*` egress."""
+def _chains(host: HostPlan, prefix: str, kind: ChainKind, opts: ChainOptions,
+            guard_of: GuardOf, cache: RenderCache) -> list[Chain]:
+    """One endpoint chain (and its group chains): `cali-fh*` prefixes are ingress (into the
+    host), `cali-th*` egress."""
     ingress = prefix.startswith("cali-fh")
     direction: Direction = "ingress" if ingress else "egress"
     failsafe = "" if kind == "forward" else (FAILSAFE_IN if ingress else FAILSAFE_OUT)
     profiles = host.endpoint.profiles if kind == "normal" else ()
     spec = EndpointSpec(endpoint_chain(prefix, host.iface), direction,
-                        host.tiers(kind, direction), profiles, failsafe, kind)
-    return build_endpoint_chain(spec, opts)
+                        tier_jumps(host.tiers(kind, direction), direction, guard_of), profiles,
+                        failsafe, kind)
+    return cache.get(("endpoint", spec, opts), lambda: endpoint_chains(spec, opts))
+
+
+def _unique(chains: Iterable[Chain]) -> list[Chain]:
+    """Chains in order, each group chain (shared by equal runs) once."""
+    return list({c.name: c for c in chains}.values())
 
 
 def _dispatch(name: str, flag: str, prefix: str, hosts: Sequence[HostPlan],
-              skip_workloads: str = "") -> Chain:
+              cache: RenderCache, skip_workloads: str = "") -> Chain:
+    key = ("dispatch", name, flag, prefix, tuple((h.iface, h.wildcard) for h in hosts),
+           skip_workloads)
+    return cache.get(key, lambda: _make_dispatch(name, flag, prefix, hosts, skip_workloads))
+
+
+def _make_dispatch(name: str, flag: str, prefix: str, hosts: Sequence[HostPlan],
+                   skip_workloads: str) -> Chain:
     named = [(h.iface, endpoint_chain(prefix, h.iface)) for h in hosts if not h.wildcard]
     default: list[Rule] = []
     for host in hosts:
@@ -61,34 +84,41 @@ def _dispatch(name: str, flag: str, prefix: str, hosts: Sequence[HostPlan],
     return dispatch_chain(name, flag, named, drop_unknown=False, default=default)
 
 
-def filter_host_chains(hosts: Sequence[HostPlan], config: RenderConfig) -> list[Chain]:
+def filter_host_chains(hosts: Sequence[HostPlan], config: RenderConfig, guard_of: GuardOf,
+                       cache: RenderCache) -> list[Chain]:
     opts = ChainOptions(config.marks, config.deny_action)
-    chains = [_chain(h, prefix, kind, opts) for h in hosts
-              for prefix, kind in ((TO_HOST, "normal"), (FROM_HOST, "normal"),
-                                   (TO_HOST_FORWARD, "forward"), (FROM_HOST_FORWARD, "forward"))]
+    chains = _unique(c for h in hosts
+                     for prefix, kind in ((TO_HOST, "normal"), (FROM_HOST, "normal"),
+                                          (TO_HOST_FORWARD, "forward"),
+                                          (FROM_HOST_FORWARD, "forward"))
+                     for c in _chains(h, prefix, kind, opts, guard_of, cache))
     return [*chains,
-            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, hosts),
-            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, hosts),
-            _dispatch(TO_HOST_FWD_DISPATCH, "-o", TO_HOST_FORWARD, hosts),
-            _dispatch(FROM_HOST_FWD_DISPATCH, "-i", FROM_HOST_FORWARD, hosts)]
+            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, hosts, cache),
+            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, hosts, cache),
+            _dispatch(TO_HOST_FWD_DISPATCH, "-o", TO_HOST_FORWARD, hosts, cache),
+            _dispatch(FROM_HOST_FWD_DISPATCH, "-i", FROM_HOST_FORWARD, hosts, cache)]
 
 
-def mangle_host_chains(hosts: Sequence[HostPlan], config: RenderConfig) -> list[Chain]:
+def mangle_host_chains(hosts: Sequence[HostPlan], config: RenderConfig, guard_of: GuardOf,
+                       cache: RenderCache) -> list[Chain]:
     egress = ChainOptions(config.marks, "DROP", allow="-j RETURN")
     prednat = [h for h in hosts if h.prednat]
-    chains = [*(_chain(h, TO_HOST, "normal", egress) for h in hosts),
-              *(_chain(h, FROM_HOST, "prednat", ChainOptions(config.marks, "DROP"))
-                for h in prednat)]
+    chains = _unique([
+        *(c for h in hosts for c in _chains(h, TO_HOST, "normal", egress, guard_of, cache)),
+        *(c for h in prednat
+          for c in _chains(h, FROM_HOST, "prednat", ChainOptions(config.marks, "DROP"),
+                           guard_of, cache))])
     return [*chains,
-            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, hosts, config.workload_wildcard),
-            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, prednat)]
+            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, hosts, cache, config.workload_wildcard),
+            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, prednat, cache)]
 
 
-def raw_host_chains(hosts: Sequence[HostPlan], config: RenderConfig) -> list[Chain]:
+def raw_host_chains(hosts: Sequence[HostPlan], config: RenderConfig, guard_of: GuardOf,
+                    cache: RenderCache) -> list[Chain]:
     untracked = [h for h in hosts if h.has_untracked and not h.wildcard]
     opts = ChainOptions(config.marks, "DROP")
-    chains = [_chain(h, prefix, "untracked", opts) for h in untracked
-              for prefix in (TO_HOST, FROM_HOST)]
+    chains = _unique(c for h in untracked for prefix in (TO_HOST, FROM_HOST)
+                     for c in _chains(h, prefix, "untracked", opts, guard_of, cache))
     return [*chains,
-            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, untracked),
-            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, untracked)]
+            _dispatch(TO_HOST_DISPATCH, "-o", TO_HOST, untracked, cache),
+            _dispatch(FROM_HOST_DISPATCH, "-i", FROM_HOST, untracked, cache)]

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from datastore.selector import Selector
-from felix.calc import PolicyIndex
+from felix.calc import NamedPortMember, PolicyIndex
 from felix.model import IPSet
+from felix.render_cache import RenderCache
 from felix.render_names import ipset_name, named_port_set_id
 from felix.rules import PROTOCOL_NAMES, IPNetwork
 
@@ -66,11 +67,11 @@ def _hash_net_members(nets: list[IPNetwork]) -> frozenset[str]:
     return frozenset(out)
 
 
-def _members(index: PolicyIndex, spec: SetSpec, family: int) -> frozenset[str]:
-    if isinstance(spec, SelectorSet):
-        nets = [n for n in index.selector_members(spec.selector) if n.version == family]
-        return _hash_net_members(nets)
-    members = index.named_port_members(spec.selector, spec.port_name, spec.protocol)
+def _net_members(nets: frozenset[IPNetwork], family: int) -> frozenset[str]:
+    return _hash_net_members([n for n in nets if n.version == family])
+
+
+def _port_members(members: frozenset[NamedPortMember], family: int) -> frozenset[str]:
     return frozenset(
         f"{ip},{PROTOCOL_NAMES[proto].lower()}:{port}"
         for ip, proto, port in members
@@ -78,11 +79,22 @@ def _members(index: PolicyIndex, spec: SetSpec, family: int) -> frozenset[str]:
     )
 
 
-def build_sets(index: PolicyIndex, collector: SetCollector) -> dict[str, IPSet]:
+def build_sets(index: PolicyIndex, collector: SetCollector,
+               cache: RenderCache | None = None) -> dict[str, IPSet]:
+    """The sets the collector saw, with their members; with `cache`, a set whose members the
+    index gives as the very same object as last time is the same IPSet as last time."""
+    cache = cache if cache is not None else RenderCache()
+    family = collector.family
     sets = {}
     for name, spec in collector.specs.items():
-        kind = "hash:net" if isinstance(spec, SelectorSet) else "hash:ip,port"
-        sets[name] = IPSet(name, kind, collector.family, _members(index, spec, collector.family))
+        if isinstance(spec, SelectorSet):
+            nets = index.selector_members(spec.selector)
+            sets[name] = cache.get_for(nets, ("ipset", name), lambda n=name, m=nets: IPSet(
+                n, "hash:net", family, _net_members(m, family)))
+        else:
+            ports = index.named_port_members(spec.selector, spec.port_name, spec.protocol)
+            sets[name] = cache.get_for(ports, ("ipset", name), lambda n=name, m=ports: IPSet(
+                n, "hash:ip,port", family, _port_members(m, family)))
     return sets
 
 

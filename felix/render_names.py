@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from functools import lru_cache
 
 from datastore.selector import Selector
 
@@ -16,6 +17,8 @@ MAX_IPSET_NAME = 31
 _SHORTENED = "_"
 
 POLICY_IN, POLICY_OUT = "cali-pi-", "cali-po-"
+# Runs of guarded policy jumps (Calico names its policy-group chains alike).
+GROUP_IN, GROUP_OUT = "cali-gi-", "cali-go-"
 PROFILE_IN, PROFILE_OUT = "cali-pri-", "cali-pro-"
 TO_WORKLOAD, FROM_WORKLOAD = "cali-tw-", "cali-fw-"
 TO_HOST, FROM_HOST = "cali-th-", "cali-fh-"
@@ -37,6 +40,7 @@ MASQ_POOLS_ID = "masq-ipam-pools"
 ALL_POOLS_ID = "all-ipam-pools"
 
 
+@lru_cache(maxsize=65536)  # asked for every policy jump of every sync
 def length_limited(prefix: str, suffix: str, max_length: int = MAX_CHAIN_NAME) -> str:
     suffix = suffix or _SHORTENED
     total = len(prefix) + len(suffix)

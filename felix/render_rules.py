@@ -285,34 +285,40 @@ def _blocks(sides: list[_Side], protocol: str, blocks: _Blocks) -> None:
             side.not_nets = ()
 
 
-def _positive_side(side: _Side) -> list[str]:
+def _header_side(side: _Side) -> list[str]:
     parts = [net_match(side.name, n) for n in side.nets]
-    parts += [set_match(n, side.name) for n in side.set_names]
-    parts += [multiport(side.name, split) for split in side.port_splits]
-    parts += [set_match(n, side.name, ip_port=True) for n in side.named]
-    return parts
+    return parts + [multiport(side.name, split) for split in side.port_splits]
 
 
-def _negative_side(side: _Side) -> list[str]:
+def _not_header_side(side: _Side) -> list[str]:
     parts = [net_match(side.name, n, negate=True) for n in side.not_nets]
+    return parts + [multiport(side.name, split, negate=True) for split in side.not_port_splits]
+
+
+def _set_side(side: _Side) -> list[str]:
+    parts = [set_match(n, side.name) for n in side.set_names]
+    parts += [set_match(n, side.name, ip_port=True) for n in side.named]
     parts += [set_match(n, side.name, negate=True) for n in side.not_set_names]
-    parts += [multiport(side.name, split, negate=True) for split in side.not_port_splits]
-    parts += [set_match(n, side.name, negate=True, ip_port=True) for n in side.not_named]
-    return parts
+    return parts + [set_match(n, side.name, negate=True, ip_port=True) for n in side.not_named]
 
 
 def _main_match(rule: CompiledRule, sides: list[_Side], family: int) -> str:
+    """Every criterion ANDed. Header matches (protocol, addresses, ports, ICMP) come first and
+    IP set lookups last: iptables-nft evaluates the former natively and stops at the first
+    miss, while each set match is a costlier xtables call."""
     parts = [f"-p {protocol_text(rule.protocol)}" if rule.protocol is not None else ""]
     for side in sides:
-        parts += _positive_side(side)
+        parts += _header_side(side)
     if rule.icmp:
         parts.append(icmp_match(family, rule.icmp))
     if rule.not_protocol is not None:
         parts.append(f"! -p {protocol_text(rule.not_protocol)}")
     for side in sides:
-        parts += _negative_side(side)
+        parts += _not_header_side(side)
     if rule.not_icmp:
         parts.append(icmp_match(family, rule.not_icmp, negate=True))
+    for side in sides:
+        parts += _set_side(side)
     return join(*parts)
 
 

@@ -1,13 +1,13 @@
 """When the agent writes the dataplane: coalescing, first-sync doctrine, retry backoff (pure).
 
-Every change marks the state dirty. A write happens `window` seconds after the first change of
-a burst (later changes in the burst join it) and never sooner than `window` after the previous
-write started, so a burst of updates becomes one write. Nothing is written before the first
-full listing has been loaded (`loaded()`): a restarted agent leaves the old rules in place until
+Every change marks the state dirty. Writes start at least `window` seconds apart, and, as with
+Felix's apply throttle, a change after a quiet spell is written at once rather than held back
+for company: changes that arrive while a write runs, or within `window` of its start, join the
+next write, so a burst becomes one write per window. Nothing is written before the first full
+listing has been loaded (`loaded()`): a restarted agent leaves the old rules in place until
 the new state replaces them. The first write does not sweep; once it succeeded the next write
-sweeps stale Tabby chains and sets, and one is scheduled at once for that. A failed write is
-retried with exponential backoff; a success resets it.
-"""
+sweeps stale Tabby chains and sets, and one is scheduled for that. A failed write is retried
+with exponential backoff; a success resets it."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class SyncState:
         """When the next write should start, or None while there is nothing to write."""
         if not (self.ready and self.dirty):
             return None
-        at = (self.first_change or 0.0) + self.window
+        at = self.first_change or 0.0
         if self.last_write is not None:
             at = max(at, self.last_write + self.window)
         return max(at, self.retry_at)

@@ -4,10 +4,11 @@ The nodes route to each other's pods themselves (their routing agents: BGP or VX
 underlay namespace (the lab's gateway, through which externals reach pods) does not peer: for
 `lab run`, `route_pod` gives it the /32 route a ToR router would learn (`ip route replace
 POD/32 via NODE`), and `enable_forwarding` turns on IPv4 forwarding in the underlay and the
-nodes (the routing agent does the same on each node). An external is a namespace `tabby-lab-<lab>-ext-<k>`
-on the underlay bridge with its fixed address (a /32 on eth0, default route via the underlay's
-gateway on-link); the underlay routes that /32 onto the bridge. Everything here happens inside lab
-namespaces, and each namespace is recorded in the lab's state before it is created.
+nodes (the routing agent does the same on each node). An external is a namespace
+`tabby-lab-<lab>-ext-<k>` on the underlay bridge with its fixed address (a /32 on eth0, default
+route via the underlay's gateway on-link); the underlay routes that /32 onto the bridge.
+Everything here happens inside lab namespaces, and each namespace is recorded in the lab's state
+before it is created.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One sync of the whole dataplane, in Felix's order (calico-anchor §3.1):
+"""One sync of the whole dataplane, in Felix's order (calico-anchor §3.1), per IP family (the
+two families are written side by side):
 
 1. IP sets created/updated first, so no rule ever references a set before it exists;
 2. one `iptables-restore --noflush` per table that changed;
@@ -13,6 +14,7 @@ nothing, and a changed chain is replaced within one transaction: there is no flu
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from felix.dataplane.backend import Backend, detect_backend
@@ -111,22 +113,39 @@ class ApplyStats:
         return bool(self.restores or any(s.wrote for s in self.ipsets) or self.sets_destroyed)
 
 
-def apply_dataplane(desired: Dataplane, state: DataplaneState, *, sweep: bool) -> ApplyStats:
-    """Brings the kernel to `desired`; with `sweep`, also removes Tabby objects it lacks."""
-    start = time.perf_counter()
-    stats = ApplyStats()
-    for family in state.families:
-        stats.ipsets.append(state.sets(family).apply(desired.ipsets, sweep=sweep))
-    keys = [k for k in desired.tables if k[0] in state.families]
+def _apply_family(desired: Dataplane, state: DataplaneState, family: int, *,
+                  sweep: bool) -> tuple[IPSetStats, list[WriteStats], list[str]]:
+    """One family in Felix's order: its sets, its tables, then its stale sets."""
+    sets = state.sets(family).apply(desired.ipsets, sweep=sweep)
+    keys = [k for k in desired.tables if k[0] == family]
     if sweep:  # a table Tabby no longer wants anything in must still lose its old chains
-        keys += [(f, t) for f in state.families for t in TABLES if (f, t) not in desired.tables]
+        keys += [(family, t) for t in TABLES if (family, t) not in desired.tables]
     now = time.monotonic()
-    for family, name in keys:
-        table = desired.tables.get((family, name)) or Table(name, {})
-        result = state.table(family, name).apply(table, sweep=sweep)
-        state._schedule((family, name), now, wrote=result.wrote)
-        stats.tables.append(result)
-    for family in state.families:
-        stats.sets_destroyed += state.sets(family).delete_stale()
+    tables = []
+    for key in keys:
+        table = desired.tables.get(key) or Table(key[1], {})
+        result = state.table(*key).apply(table, sweep=sweep)
+        state._schedule(key, now, wrote=result.wrote)
+        tables.append(result)
+    return sets, tables, state.sets(family).delete_stale()
+
+
+def apply_dataplane(desired: Dataplane, state: DataplaneState, *, sweep: bool) -> ApplyStats:
+    """Brings the kernel to `desired`; with `sweep`, also removes Tabby objects it lacks.
+
+    The IP families are independent (a v6 rule only names v6 sets), so they are written side
+    by side: most of a write is each restore tool reading its table back from the kernel."""
+    start = time.perf_counter()
+    if state.backend is None:
+        state.backend = detect_backend(state.runner)
+    with ThreadPoolExecutor(max_workers=len(state.families)) as pool:
+        futures = [pool.submit(_apply_family, desired, state, f, sweep=sweep)
+                   for f in state.families]
+        done = [f.result() for f in futures]  # re-raises the first failure, after all ended
+    stats = ApplyStats()
+    for sets, tables, destroyed in done:
+        stats.ipsets.append(sets)
+        stats.tables += tables
+        stats.sets_destroyed += destroyed
     stats.total_ms = (time.perf_counter() - start) * 1000
     return stats

@@ -32,33 +32,44 @@ def test_nothing_is_due_before_the_first_listing() -> None:
     s.changed(1.0)
     assert s.due_at() is None
     s.loaded(2.0)
-    assert s.due_at() == pytest.approx(2.05)
+    assert s.due_at() == pytest.approx(2.0)  # then at once
 
 
-def test_a_burst_is_one_write_at_the_end_of_its_window() -> None:
+def test_a_change_after_a_quiet_spell_is_written_at_once() -> None:
     s = SyncState(window=0.05)
     s.loaded(0.0)
-    for t in (0.001, 0.01, 0.04):
-        s.changed(t)
-    assert s.due_at() == pytest.approx(0.05)  # measured from the first change: no starvation
-    assert s.start(0.05) is False  # the first write never sweeps
+    s.start(0.0)
+    s.succeeded(0.01, swept=False)
+    s.start(0.05)  # the sweeping write
+    s.succeeded(0.06, swept=True)
+    s.changed(1.0)
+    assert s.due_at() == pytest.approx(1.0)  # not held back for company
+
+
+def test_a_burst_joins_the_next_write_a_window_after_the_last() -> None:
+    s = SyncState(window=0.05)
+    s.loaded(0.0)
+    assert s.start(0.0) is False  # the first write never sweeps
     assert s.due_at() is None
-    s.changed(0.06)  # arrives during the write: a new burst
-    assert s.due_at() == pytest.approx(0.11)
+    for t in (0.001, 0.01, 0.04):  # during and just after the write: one burst
+        s.changed(t)
+    assert s.due_at() == pytest.approx(0.05)  # a window after the write started
+    s.changed(0.045)
+    assert s.due_at() == pytest.approx(0.05)  # measured from the write: no starvation
 
 
 def test_writes_are_spaced_by_the_window() -> None:
     s = SyncState(window=0.05)
     s.loaded(0.0)
-    s.start(0.05)
-    s.succeeded(0.051, swept=False)
-    # the first success schedules the sweeping write, a window after it
-    assert s.due_at() == pytest.approx(0.101)
-    assert s.start(0.10) is True
-    s.succeeded(0.11, swept=True)
+    s.start(0.0)
+    s.succeeded(0.001, swept=False)
+    # the first success schedules the sweeping write, a window after the first started
+    assert s.due_at() == pytest.approx(0.05)
+    assert s.start(0.05) is True
+    s.succeeded(0.06, swept=True)
     assert s.due_at() is None and s.in_sync
-    s.changed(0.12)
-    assert s.due_at() == pytest.approx(0.17)
+    s.changed(0.07)
+    assert s.due_at() == pytest.approx(0.10)
 
 
 def test_failures_back_off_and_a_success_resets() -> None:
@@ -77,7 +88,7 @@ def test_failures_back_off_and_a_success_resets() -> None:
     s.start(5.9)
     s.succeeded(6.0, swept=False)
     assert s.failures == 0 and s.applied_once
-    assert s.due_at() == pytest.approx(6.0 + 0.05)
+    assert s.due_at() == pytest.approx(6.0)  # the sweeping write: a window after 5.9 passed
 
 
 # --- StoreMirror --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ def gnp(name: str, **spec: Any) -> dict[str, Any]:
 
 
 ALLOW_8080 = [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [8080]}}]
+GUARD_8080 = "-p tcp -m multiport --dports 8080"  # its jumps skip other packets
 
 
 def run(*objs: dict[str, Any], **config: Any) -> RenderResult:
@@ -133,7 +134,7 @@ def test_normal_policy_and_profiles() -> None:
     ep["spec"]["profiles"] = ["open"]
     dp = run(ep, profile, gnp("web", ingress=ALLOW_8080)).dataplane
     fh = chain(dp, "cali-fh-eth0")
-    assert fh.index("-m mark --mark 0x0/0x20000 -j cali-pi-gnp/web") < fh.index(
+    assert fh.index(f"{GUARD_8080} -m mark --mark 0x0/0x20000 -j cali-pi-gnp/web") < fh.index(
         "-j cali-pri-open")
     assert "cali-pi-gnp/web" not in names(dp, "raw") | names(dp, "mangle")
     # normal policy without applyOnForward leaves forwarded traffic alone
@@ -176,7 +177,7 @@ def test_do_not_track_policy_in_raw() -> None:
         "-j cali-failsafe-in",
         "-j MARK --set-xmark 0x0/0x30000",
         "-j MARK --set-xmark 0x0/0x20000",
-        "-m mark --mark 0x0/0x20000 -j cali-pi-gnp/dnt",
+        f"{GUARD_8080} -m mark --mark 0x0/0x20000 -j cali-pi-gnp/dnt",
         f"{ACCEPTED} -j NOTRACK",
         f"{ACCEPTED} -j RETURN"]  # no conntrack, no end-of-tier drop, no profiles
     assert chain(dp, "cali-from-host-endpoint", "raw") == ["-i eth0 -g cali-fh-eth0"]
