@@ -77,6 +77,8 @@ class RoutingAgent:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._tunnel_retry = 0.0
+        self._last_key: tuple[Any, ...] | None = None
+        self._dirty = False  # something failed that a retry may fix: sync even if unchanged
 
     # -- lifecycle --
 
@@ -144,10 +146,20 @@ class RoutingAgent:
         inputs = self.view.inputs()
         for problem in inputs.problems:
             log.warning("skipping %s", problem)
+        # most store changes (a pod's address taken from a block) change nothing routing
+        # reads: skip the sync then, so a CNI ADD never shares the CPU with a no-op
+        learned_now = self.rib.learned() if self.backend == "bird" else {}
+        key = (inputs.nodes, inputs.pools, inputs.blocks, inputs.bgp_config, inputs.bgp_peers,
+               learned_now, frozenset(self.stale) if self.stale is not None else None,
+               time.monotonic() < self.grace_until)
+        if key == self._last_key and not self._dirty and not self.last_errors:
+            return
+        self._dirty = False
         local = inputs.nodes.get(self.nodename)
         if local is None:
             log.info("no Node %s in the store yet; waiting for tabby-node's registration",
                      self.nodename)
+            self._last_key = key
             return
         await self._tunnels(local, inputs)
         learned: dict[str, str] = {}
@@ -158,6 +170,7 @@ class RoutingAgent:
             await self._program(local, inputs, learned)
         self.syncs += 1
         self._write_status(local)
+        self._last_key = key  # only after a whole sync: a failed one is tried again
 
     async def _tunnels(self, local: NodeRecord, inputs: view.Inputs) -> None:
         from bgp.tunnels import ensure_tunnel_addresses, tunnel_changes
@@ -173,6 +186,8 @@ class RoutingAgent:
                 log.info("%s", line)
         except Exception as e:  # no pool space, etcd trouble: try again later
             self._tunnel_retry = time.monotonic() + 5.0
+            self._dirty = True
+            asyncio.get_running_loop().call_later(5.1, self._wake.set)
             log.error("tunnel address for %s: %s", self.nodename, e)
 
     async def _bgp(self, local: NodeRecord, inputs: view.Inputs) -> None:
