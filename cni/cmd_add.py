@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ class _Allocation:
     result: dict[str, Any]  # internal 1.x shape from the IPAM (ips, routes, dns)
     addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]  # /32 and /128
     new: bool  # allocated by this request (so released if it fails)
+    endpoint_written: bool = False  # committed with the addresses (Tabby's IPAM, one txn)
 
 
 async def cmd_add(ctx: Ctx) -> dict[str, Any]:
@@ -56,23 +58,32 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
                        "host-network pods get no CNI attachment")
     # the pod MAC is chosen here, so the endpoint can be written while the pod is plumbed
     mac = _requested_mac(req, pod) or random_mac()
-    allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key))
+
+    def endpoint_ops(addresses: list[Any]) -> list[Any]:
+        """The WorkloadEndpoint, committed in the allocation's own transaction."""
+        single = [f"{a.ip}/{a.max_prefixlen}" for a in addresses]
+        return [wep.put_op(wep.build(w, pod, single, mac), reads.get(w.key))[0]]
+
+    allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key),
+                                 endpoint_ops)
     plumb = write = None
     try:
         pod_if = plumbing.PodInterface(
             netns=req.netns, container_ifname=req.ifname, host_ifname=w.host_ifname,
             addresses=tuple(allocation.addresses), mtu=mtu, mac=mac,
             allow_ip_forwarding=conf.allow_ip_forwarding)
-        endpoint = wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
         plumb = asyncio.ensure_future(asyncio.to_thread(plumbing.setup, pod_if, ctx.host_netns))
-        write = asyncio.ensure_future(wep.write(svc.store, endpoint, reads.get(w.key)))
-        plumbed, _ = await asyncio.gather(plumb, write)
+        if not allocation.endpoint_written:
+            endpoint = wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
+            write = asyncio.ensure_future(wep.write(svc.store, endpoint, reads.get(w.key)))
+        plumbed, *_ = await asyncio.gather(plumb, *([write] if write else []))
     except BaseException:
         # gather leaves the other one running: let it finish, then undo what both did
         started = [t for t in (plumb, write) if t is not None]
         if started:
             await asyncio.wait(started)
-        written = write is not None and not write.cancelled() and write.exception() is None
+        written = allocation.endpoint_written or (
+            write is not None and not write.cancelled() and write.exception() is None)
         await _rollback(ctx, allocation, endpoint_written=written)
         raise
     ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
@@ -155,16 +166,20 @@ def _requested_mac(req: spec.Request, pod: dict[str, Any] | None) -> str | None:
 
 async def _allocate(ctx: Ctx, held: list[str], pod: dict[str, Any] | None,
                     ns_obj: dict[str, Any] | None, prefetched: Prefetched | None,
-                    endpoint_kv: KV | None) -> _Allocation:
+                    endpoint_kv: KV | None,
+                    endpoint_ops: Callable[[list[Any]], list[Any]] | None = None
+                    ) -> _Allocation:
     req, conf = ctx.req, ctx.conf
     if conf.in_process_ipam:
         if held:
             ctx.log.info("handle %s already holds %s (repeated ADD); keeping it", ctx.handle,
                          ", ".join(held))
             return _allocation({"ips": [{"address": a} for a in held]}, new=False)
-        addresses = await _assign(ctx, pod, ns_obj, prefetched)
+        addresses, with_endpoint = await _assign(ctx, pod, ns_obj, prefetched, endpoint_ops)
         ctx.log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
-        return _allocation({"ips": [{"address": a} for a in addresses]}, new=True)
+        done = _allocation({"ips": [{"address": a} for a in addresses]}, new=True)
+        done.endpoint_written = with_endpoint
+        return done
     existing = wep.resource(endpoint_kv)
     if existing and (existing["spec"].get("containerID") == req.container_id
                      and existing["spec"].get("ipNetworks")):
@@ -187,9 +202,12 @@ def _allocation(result: dict[str, Any], new: bool) -> _Allocation:
 
 
 async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] | None,
-                  prefetched: Prefetched | None) -> list[str]:
+                  prefetched: Prefetched | None,
+                  endpoint_ops: Callable[[list[Any]], list[Any]] | None = None
+                  ) -> tuple[list[str], bool]:
     """tabby-ipam's ADD without its host lock (the daemon serves many requests in parallel;
-    every write is a compare-and-swap anyway)."""
+    every write is a compare-and-swap anyway). The addresses, and whether `endpoint_ops` went
+    into the same transaction (auto-assignment only; a requested address is written alone)."""
     req, conf, w = ctx.req, ctx.conf.ipam_conf, ctx.workload
     pod_ann = calico_annotations.annotations_of(pod)
     ns_ann = calico_annotations.annotations_of(ns_obj)
@@ -199,7 +217,7 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
     attrs = allocation_attrs(ctx.node, req.args, time.time_ns())
     if wanted:
         ipam_ctx = IpamContext(req, conf, ctx.node, ctx.log)
-        return await _assign_requested(ipam_ctx, ctx.svc.ipam, wanted, attrs)
+        return await _assign_requested(ipam_ctx, ctx.svc.ipam, wanted, attrs), False
     if not (conf.assign_ipv4 or conf.assign_ipv6):
         raise CNIError(spec.INVALID_CONFIG, "invalid network config: ipam assigns nothing: "
                        "assign_ipv4 and assign_ipv6 are both false")
@@ -210,8 +228,8 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
     got = await ctx.svc.ipam.auto_assign(AssignRequest(
         handle_id=ctx.handle, hostname=ctx.node, num_v4=int(conf.assign_ipv4),
         num_v6=int(conf.assign_ipv6), attrs=attrs, ipv4_pools=v4_pools, ipv6_pools=v6_pools,
-        namespace=_ipam_namespace(ctx)), prefetched=prefetched)
-    return [str(a) for a in [*got.ipv4, *got.ipv6]]
+        namespace=_ipam_namespace(ctx), with_last=endpoint_ops), prefetched=prefetched)
+    return [str(a) for a in [*got.ipv4, *got.ipv6]], got.with_last_committed
 
 
 async def _rollback(ctx: Ctx, allocation: _Allocation, endpoint_written: bool) -> None:

@@ -191,6 +191,18 @@ class _Unread:
 UNREAD = _Unread()
 
 
+def put_op(wep: dict[str, Any], current: etcd.KV | None) -> tuple[etcd.Put, dict[str, Any]]:
+    """The endpoint as one unconditional write, for a transaction of the caller's (ADD commits
+    it with the pod's addresses); validated and stamped as `write` does (uid kept from
+    `current`, the key as read). Unconditional is right here: a concurrent DEL of an earlier
+    container removes the endpoint only at the revision it read, so it cannot undo this."""
+    obj = copy.deepcopy(validate_all([wep])[0])
+    kind, name, namespace = identify(obj)
+    key = kind.key(name, namespace)
+    _stamp(obj, resource(current) if current is not None and current.key == key else None)
+    return etcd.Put(key, encode(obj)), obj
+
+
 async def write(store: ResourceStore, wep: dict[str, Any],
                 current: etcd.KV | _Unread | None = UNREAD) -> dict[str, Any]:
     """Create or replace the endpoint (validated, uid kept across rewrites).

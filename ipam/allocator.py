@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from datastore.etcd import Create, Datastore, Delete, Update
+from datastore.etcd import Create, Datastore, Delete, Op, Update
 from datastore.reads import ReadBatch, ReadResult
 from ipam import affinity, keys, release
 from ipam.block import IP, Block, sanitize_handle
@@ -72,12 +72,17 @@ class AssignRequest:
     ipv6_pools: Sequence[str] = ()
     namespace: str | None = None  # the pod's namespace, for pools' namespaceSelector
     intended_use: str = WORKLOAD  # Workload | Tunnel | LoadBalancer
+    # ops committed in the same transaction as the request's last address, given every address
+    # it took (the CNI writes the WorkloadEndpoint this way: one transaction, not two)
+    with_last: Callable[[list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]],
+                        Sequence[Op]] | None = None
 
 
 @dataclass(frozen=True)
 class AssignResult:
     ipv4: list[ipaddress.IPv4Interface]  # with the block's prefix length, e.g. 10.244.1.5/26
     ipv6: list[ipaddress.IPv6Interface]
+    with_last_committed: bool = False  # the request's `with_last` ops went in with the addresses
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class _Job:
     taken: list[Interface] = field(default_factory=list)
     # blocks read with the inputs, each used at most once (a retry reads the block again)
     known: dict[str, Versioned[Block] | None] = field(default_factory=dict)
+    total: int = 0  # addresses the request wants in all (for `with_last`)
+    with_last: Callable[[list[Interface]], Sequence[Op]] | None = None
+    with_last_committed: bool = False
 
 
 class _Unread:
@@ -163,7 +171,8 @@ class IPAM:
             prefetched = self.assign_reads(await batch.run(self.ds), req.hostname, handle_id,
                                            req.namespace)
         job = _Job(req.hostname, handle_id, dict(req.attrs), prefetched.handle,
-                   prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks))
+                   prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks),
+                   total=req.num_v4 + req.num_v6, with_last=req.with_last)
         try:
             v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools, req.intended_use)
             v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools, req.intended_use)
@@ -171,7 +180,8 @@ class IPAM:
             await self._give_back(job)
             raise
         return AssignResult([i for i in v4 if isinstance(i, ipaddress.IPv4Interface)],
-                            [i for i in v6 if isinstance(i, ipaddress.IPv6Interface)])
+                            [i for i in v6 if isinstance(i, ipaddress.IPv6Interface)],
+                            job.with_last_committed)
 
     async def assign_ip(self, ip: str, handle_id: str, hostname: str,
                         attrs: Mapping[str, str] | None = None, *,
@@ -308,12 +318,18 @@ class IPAM:
         current, handle_rev = job.handle if job.handle else (Handle(), None)
         handle = current.adjusted(cidr, len(addresses))
         ops = [write_block(block, revision), write_handle(job.handle_id, handle, handle_rev)]
+        prefix = block.network.prefixlen
+        new = [ipaddress.ip_interface((a, prefix)) for a in addresses]
+        last = job.with_last is not None and len(job.taken) + len(new) == job.total
+        if last:
+            assert job.with_last is not None
+            ops += job.with_last([*job.taken, *new])
         done = await self._store.commit([op for op in ops if op is not None])
         if not isinstance(done, int):
             return False
         job.handle = (handle, done)
-        prefix = block.network.prefixlen
-        job.taken.extend(ipaddress.ip_interface((a, prefix)) for a in addresses)
+        job.with_last_committed = job.with_last_committed or last
+        job.taken.extend(new)
         room_key = (job.hostname, block.network.version)
         if block.host != job.hostname:
             self.stats["borrowed"] += len(addresses)

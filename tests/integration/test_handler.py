@@ -305,6 +305,11 @@ def test_workload_endpoint_as_calico_writes_it(lab: Harness) -> None:
     # the allocation carries calico-ipam's attributes
     [handle_key] = etcd_keys(lab.server, HANDLE_PREFIX)
     assert handle_key.endswith(f"{NET}.c0ffee1")
+    # the endpoint went into etcd in the same transaction as the address (one revision)
+    revs = json.loads(lab.server.etcdctl("get", "--prefix", "/calico/", "-w", "json"))["kvs"]
+    by_key = {base64.b64decode(kv["key"]).decode(): kv["mod_revision"] for kv in revs}
+    [wep_rev] = [r for k, r in by_key.items() if k.startswith(WEP_PREFIX)]
+    assert by_key[handle_key] == wep_rev
 
 
 def test_non_k8s_workload_and_requested_ip_and_mac(lab: Harness) -> None:

@@ -247,6 +247,31 @@ def test_dual_stack_in_one_request_all_or_nothing(server: EtcdServer) -> None:
     run(server, go)
 
 
+def test_with_last_ops_commit_with_the_last_address_only(server: EtcdServer) -> None:
+    """What the CNI uses to write the WorkloadEndpoint in the allocation's transaction: the ops
+    see every address of the request and land at the revision of its last block write."""
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "v4", "10.244.0.0/16", 26)
+        await add_pool(ds, "v6", "fd00:10:244::/122", 122)
+        seen: list[list[str]] = []
+
+        def extra(addresses: list[Any]) -> list[Put]:
+            seen.append([str(a) for a in addresses])
+            return [Put("/test/extra", ",".join(map(str, addresses)).encode())]
+
+        got = await IPAM(ds).auto_assign(req("dual", num_v6=1, with_last=extra))
+        assert got.with_last_committed and len(seen) == 1  # once: at the IPv6 (last) write
+        assert seen[0] == [str(got.ipv4[0]), str(got.ipv6[0])]
+        kv = await ds.get("/test/extra")
+        assert kv is not None and kv.value.decode() == ",".join(seen[0])
+        state = await read_state(ds)
+        [(_, v6_rev)] = [v for c, v in state.blocks.items() if ":" in c]
+        assert kv.mod_revision == v6_rev
+        plain = await IPAM(ds).auto_assign(req("plain"))
+        assert not plain.with_last_committed
+    run(server, go)
+
+
 # -- 6. a specific address, reservations, pools by name ----------------------------------------
 
 
