@@ -29,8 +29,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from datastore.daemon import etcd_config, parent_gone, setup_logging
 from datastore.etcd import Event, Resync
 from datastore.snapshot import Resource, Snapshot
 from felix.agent_config import merged_felix_spec, render_config
@@ -317,37 +317,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def setup_logging(log_file: str, level: str) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.WatchedFileHandler(log_file))
-    root = logging.getLogger()
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    root.setLevel(level.upper())
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-
-
-async def _parent_gone(parent: int) -> None:
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
-    log.warning("parent process %d is gone; exiting", parent)
-
-
 async def run(opts: argparse.Namespace) -> int:
-    from datastore.config import ConfigError, load_config
+    from datastore.config import ConfigError
     from datastore.etcd import Datastore
     from felix.dataplane import Runner
 
     try:
-        if opts.etcd_endpoints:
-            config = load_config(env={**os.environ, "ETCD_ENDPOINTS": opts.etcd_endpoints})
-        else:
-            config = load_config(opts.config)
+        config = etcd_config(opts.etcd_endpoints, opts.config)
     except ConfigError as e:
         log.error("%s", e)
         return 2
@@ -364,7 +340,7 @@ async def run(opts: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.run())]
     if opts.exit_with_parent:
-        waits.append(asyncio.create_task(_parent_gone(os.getppid())))
+        waits.append(asyncio.create_task(parent_gone(os.getppid(), log)))
     try:
         if server is not None:
             await server.start()
@@ -389,7 +365,7 @@ async def run(opts: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     try:
-        setup_logging(opts.log_file, opts.log_level)
+        setup_logging(opts.log_file, opts.log_level, NOISY_LOGGERS)
     except OSError as e:
         sys.exit(f"felix: cannot open the log file {opts.log_file}: {e.strerror or e}")
     sys.exit(asyncio.run(run(opts)))

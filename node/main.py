@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from datastore.daemon import etcd_config, setup_logging
 from node.cni_service import (
     CONCURRENCY,
     DEFAULT_SOCKET,
@@ -156,22 +157,6 @@ def felix_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
     return argv
 
 
-def setup_logging(log_file: str, level: str) -> logging.Logger:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.WatchedFileHandler(log_file))  # logrotate-friendly
-    root = logging.getLogger()
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    root.setLevel(level.upper())
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    return logging.getLogger("tabby.node")
-
-
 def resolve_nodename(given: str | None, nodename_file: Path) -> str:
     """--nodename, else the file Calico's CNI reads, else the hostname (lower-cased, as
     calico-node does)."""
@@ -194,11 +179,7 @@ def write_nodename(path: Path, nodename: str) -> None:
 
 
 def load_etcd_config(opts: argparse.Namespace) -> EtcdConfig:
-    from datastore.config import load_config
-
-    if opts.etcd_endpoints:
-        return load_config(env={**os.environ, "ETCD_ENDPOINTS": opts.etcd_endpoints})
-    return load_config(opts.config)
+    return etcd_config(opts.etcd_endpoints, opts.config)
 
 
 class NodeAgent:
@@ -339,7 +320,8 @@ async def run(opts: argparse.Namespace, log: logging.Logger) -> int:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     try:
-        log = setup_logging(opts.log_file, opts.log_level)
+        setup_logging(opts.log_file, opts.log_level, NOISY_LOGGERS)
+        log = logging.getLogger("tabby.node")
     except OSError as e:
         sys.exit(f"tabby-node: cannot open the log file {opts.log_file}: {e.strerror or e}")
     sys.exit(asyncio.run(run(opts, log)))

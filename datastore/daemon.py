@@ -1,0 +1,51 @@
+"""What every long-running Tabby process shares (tabby-node, felix, the routing agent):
+logging to stderr and a file, the etcd settings from its flags, and leaving with its parent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datastore.config import EtcdConfig
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(log_file: str, level: str, noisy: Iterable[str] = ()) -> None:
+    """Root logging to stderr and, when given, `log_file` (reopened when logrotate moves it);
+    the `noisy` libraries' loggers never below WARNING."""
+    fmt = logging.Formatter(LOG_FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.WatchedFileHandler(log_file))
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    for name in noisy:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def etcd_config(endpoints: str | None, config_path: str | None) -> EtcdConfig:
+    """`--etcd-endpoints` wins; else the calicoctl-style file or ETCD_* from the environment."""
+    from datastore.config import load_config
+
+    if endpoints:
+        return load_config(env={**os.environ, "ETCD_ENDPOINTS": endpoints})
+    return load_config(config_path)
+
+
+async def parent_gone(parent: int, log: logging.Logger) -> None:
+    """Returns once `parent` is no longer this process's parent (it died: we were reparented)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; exiting", parent)
