@@ -50,9 +50,6 @@ DEFAULT_SPOOL = "/var/lib/tabby/pending-del"  # = cni.handler.DEFAULT_SPOOL
 REPLAY_INTERVAL = 30.0
 RETRY_MAX = 30.0
 NOISY_LOGGERS = ("pyroute2", "grpc", "aetcd", "asyncio")
-# felix and the routing agent run this much nicer than tabby-node: a CNI ADD (kubelet waits on
-# it) wins the CPU over a background resync; their work is only ever delayed, never dropped
-AGENT_NICE = 5
 FELIX_METRICS_PORT = 9091  # = felix.metrics.DEFAULT_PORT (not imported: keeps startup light)
 
 
@@ -199,11 +196,11 @@ class NodeAgent:
         self.felix: Supervisor | None = None
         if not opts.no_felix:
             self.felix = Supervisor("felix", felix_argv(opts, nodename),
-                                    logging.getLogger("tabby.supervisor"), nice=AGENT_NICE)
+                                    logging.getLogger("tabby.supervisor"))
         self.routing: Supervisor | None = None
         if opts.networking_backend != "none":
             self.routing = Supervisor("routing", routing_argv(opts, nodename),
-                                      logging.getLogger("tabby.supervisor"), nice=AGENT_NICE)
+                                      logging.getLogger("tabby.supervisor"))
         self.address: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -1,8 +1,6 @@
 """A child process tabby-node keeps running: started, restarted with backoff, stopped cleanly.
 
-The child inherits tabby-node's network namespace, environment and stderr, and runs `nice`
-steps below it when asked (background agents yield the CPU to the CNI requests a runtime waits
-on). When it exits it is
+The child inherits tabby-node's network namespace, environment and stderr. When it exits it is
 started again after a delay that doubles from BACKOFF_START to BACKOFF_MAX, back to the start
 once a run lasted STABLE_AFTER seconds. `stop()` sends SIGTERM, then SIGKILL after a timeout.
 """
@@ -12,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -26,10 +23,9 @@ STOP_TIMEOUT = 10.0
 class Supervisor:
     def __init__(self, name: str, argv: Sequence[str], log: logging.Logger, *,
                  backoff_start: float = BACKOFF_START, backoff_max: float = BACKOFF_MAX,
-                 stable_after: float = STABLE_AFTER, nice: int = 0) -> None:
+                 stable_after: float = STABLE_AFTER) -> None:
         self.name = name
         self.argv = list(argv)
-        self.nice = nice
         self.log = log
         self.backoff_start, self.backoff_max = backoff_start, backoff_max
         self.stable_after = stable_after
@@ -59,8 +55,7 @@ class Supervisor:
             started = time.monotonic()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *self.argv, stdin=subprocess.DEVNULL,
-                    preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
+                    *self.argv, stdin=subprocess.DEVNULL)
             except OSError as e:
                 self.log.error("cannot start %s: %s", self.name, e)
             else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -44,21 +43,5 @@ def test_stop_terminates_a_running_child() -> None:
         await sup.stop(timeout=5)
         assert proc is not None and proc.returncode is not None and not sup.running
         assert sup.restarts == 0
-
-    asyncio.run(scenario())
-
-
-def test_a_background_agent_runs_nicer_than_its_parent() -> None:
-    async def scenario() -> None:
-        sup = Supervisor("nicer", [sys.executable, "-c", "import time; time.sleep(60)"], LOG,
-                         nice=5)
-        sup.start()
-        try:
-            await _until(lambda: sup.running)
-            assert sup.proc is not None
-            child = os.getpriority(os.PRIO_PROCESS, sup.proc.pid)
-            assert child == min(os.getpriority(os.PRIO_PROCESS, 0) + 5, 19)
-        finally:
-            await sup.stop(timeout=5)
 
     asyncio.run(scenario())
