@@ -1,5 +1,7 @@
-"""ADD: allocate the addresses, plumb the pod while writing its WorkloadEndpoint, answer the
-result; a failure after the allocation undoes what was done (see cni.handler).
+"""ADD: allocate the addresses (Tabby's IPAM commits the WorkloadEndpoint in the same etcd
+transaction; a delegated IPAM plugin's addresses get the endpoint written while the pod is
+plumbed), plumb the pod, answer the result; a failure after the allocation undoes what was done
+(see cni.handler).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
-    # the pod MAC is chosen here, so the endpoint can be written while the pod is plumbed
+    # the pod MAC is chosen here, so the endpoint can be written before the pod is plumbed
     mac = _requested_mac(req, pod) or random_mac()
 
     def endpoint_ops(addresses: list[Any]) -> list[Any]:

@@ -8,8 +8,9 @@ model (`cni-plugin/pkg/k8s/k8s.go`):
 - ADD: parse and check the request (nothing is touched before that: a malformed stdin is code 6,
   an unknown cniVersion 1, a missing or absent CNI_NETNS 4), allocate addresses (Tabby's IPAM
   in-process for `tabby-ipam`/`calico-ipam`, else the IPAM plugin exec'd from CNI_PATH), then
-  plumb the pod (`cni.plumbing`, in a thread) while writing the WorkloadEndpoint (`cni.wep`; the
-  pod MAC is chosen up front so neither waits for the other), and print the result: interfaces
+  plumb the pod (`cni.plumbing`, in a thread) and write the WorkloadEndpoint (`cni.wep`: with
+  Tabby's IPAM in the allocation's own etcd transaction, else while the pod is plumbed; the pod
+  MAC is chosen up front so neither waits for the other), and print the result: interfaces
   [host veth, pod interface], the addresses as /32 and /128 on interface 1, no gateway. A failure
   after the allocation removes the veth and the endpoint and releases the addresses. A repeated
   ADD of the same container replaces the plumbing and keeps the addresses its handle holds.
