@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from bgp import announce as announce_mod
 from bgp import messages, rib, status, view
 from bgp.ipip import IpipDevice, ipip_device
 from bgp.model import NodeRecord
-from datastore.daemon import etcd_config, parent_gone, setup_logging
+from datastore.daemon import etcd_config, run_until_stopped, setup_logging
 
 WINDOW = 0.01  # s: coalesce a burst of store changes into one sync
 GRACE = 20.0  # s after start during which learned kernel routes are kept, not removed
@@ -415,25 +414,11 @@ async def run(opts: argparse.Namespace) -> int:
         return 2
     ds = Datastore(config)
     agent = RoutingAgent(opts.nodename, opts.backend, ds, opts.run_dir, grace=opts.grace)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.run())]
-    if opts.exit_with_parent:
-        waits.append(asyncio.create_task(parent_gone(os.getppid(), log)))
+    log.info("routing agent for node %s (backend %s, etcd %s, pid %d)", opts.nodename,
+             opts.backend, ",".join(config.endpoints), os.getpid())
     try:
-        log.info("routing agent for node %s (backend %s, etcd %s, pid %d)", opts.nodename,
-                 opts.backend, ",".join(config.endpoints), os.getpid())
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        await run_until_stopped(agent.run(), log, opts.exit_with_parent)
     finally:
-        for task in waits:
-            task.cancel()
-        for task in waits:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         await agent.stop()
         await ds.close()
     log.info("stopped (programmed routes stay in place)")

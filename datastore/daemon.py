@@ -1,16 +1,19 @@
 """What every long-running Tabby process shares (tabby-node, felix, the routing agent):
-logging to stderr and a file, the etcd settings from its flags, and leaving with its parent."""
+logging to stderr and a file, the etcd settings from its flags, running until a signal, and
+leaving with its parent."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import logging.handlers
 import os
+import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from datastore.config import EtcdConfig
@@ -49,3 +52,26 @@ async def parent_gone(parent: int, log: logging.Logger) -> None:
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
     log.warning("parent process %d is gone; exiting", parent)
+
+
+async def run_until_stopped(work: Coroutine[Any, Any, Any], log: logging.Logger,
+                            exit_with_parent: bool = False) -> None:
+    """Run `work` until SIGTERM/SIGINT, the parent's death (when asked), or `work` ending; a
+    crash of `work` is re-raised. Everything is cancelled before it returns."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(work)]
+    if exit_with_parent:
+        waits.append(asyncio.create_task(parent_gone(os.getppid(), log)))
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in waits:
+            task.cancel()
+        for task in waits:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

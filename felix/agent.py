@@ -24,13 +24,12 @@ import contextvars
 import logging
 import logging.handlers
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from datastore.daemon import etcd_config, parent_gone, setup_logging
+from datastore.daemon import etcd_config, run_until_stopped, setup_logging
 from datastore.etcd import Event, Resync
 from datastore.snapshot import Resource, Snapshot
 from felix.agent_config import merged_felix_spec, render_config
@@ -334,27 +333,14 @@ async def run(opts: argparse.Namespace) -> int:
                        DataplaneState(Runner()), metrics=metrics,
                        window=opts.coalesce_ms / 1000, drift_interval=opts.drift_interval,
                        on_ready=lambda: setattr(server, "ready", True) if server else None)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(agent.run())]
-    if opts.exit_with_parent:
-        waits.append(asyncio.create_task(parent_gone(os.getppid(), log)))
     try:
         if server is not None:
             await server.start()
         log.info("felix agent for node %s (etcd %s, pid %d)", opts.nodename,
                  ",".join(config.endpoints), os.getpid())
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # the agent itself never returns; re-raise if it crashed
+        # the agent itself never returns; a crash is re-raised
+        await run_until_stopped(agent.run(), log, opts.exit_with_parent)
     finally:
-        for task in waits:
-            task.cancel()
-        for task in waits:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         if server is not None:
             await server.stop()
         await ds.close()

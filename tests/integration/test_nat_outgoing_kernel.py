@@ -26,6 +26,7 @@ from felix.dataplane.runner import Runner
 from felix.render import render_with_report
 from felix.render_config import RenderConfig, pools_from_resources
 from tests.conftest import require_binary
+from tests.netns_tools import sh
 
 pytestmark = pytest.mark.netns
 
@@ -64,10 +65,6 @@ POD = {"kind": "WorkloadEndpoint", "apiVersion": API,
 def pool(nat: bool) -> dict[str, Any]:
     return {"kind": "IPPool", "apiVersion": API, "metadata": {"name": "default"},
             "spec": {"cidr": "10.244.0.0/16", "natOutgoing": nat}}
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
 
 @dataclass

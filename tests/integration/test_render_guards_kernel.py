@@ -23,6 +23,9 @@ from felix.render import render_with_report
 from felix.render_config import RenderConfig
 from felix.simulate import Flow, simulate
 from tests.conftest import require_binary
+from tests.netns_tools import TCP_CLIENT as CLIENT
+from tests.netns_tools import TCP_SERVER as SERVER
+from tests.netns_tools import sh
 from tests.unit.test_calc import namespaces, np, pod, snapshot
 
 pytestmark = pytest.mark.netns
@@ -31,31 +34,6 @@ NODE = "node"
 SERVER_IP, CLIENT_IP = "10.65.0.2", "10.65.0.3"
 FILLERS = 20  # policies on nearby ports: enough for nested groups
 PORTS = (80, 81, 7005, 8000, 8001, 8002, 9000)
-
-SERVER = """
-import select, socket, sys
-socks = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(64); socks.append(s)
-print("ready", flush=True)
-while True:
-    for s in select.select(socks, [], [])[0]:
-        s.accept()[0].close()
-"""
-CLIENT = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except OSError:
-    sys.exit(1)
-"""
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
 
 def plumb(node: str, pod_ns: str, iface: str, ip: str) -> None:
     """A pod as Calico plumbs it: /32 on eth0, default via 169.254.1.1 (proxy ARP on the

@@ -24,37 +24,15 @@ from felix.dataplane.runner import Runner
 from felix.render import render_with_report
 from felix.render_config import RenderConfig
 from tests.conftest import require_binary
+from tests.netns_tools import TCP_CLIENT as CLIENT
+from tests.netns_tools import TCP_SERVER as SERVER
+from tests.netns_tools import sh
 
 pytestmark = pytest.mark.netns
 
 API = "projectcalico.org/v3"
 NODE_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
 PORTS = (22, 8080)  # 22 is a default failsafe port; 8080 is not
-
-SERVER = """
-import select, socket, sys
-socks = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(64); socks.append(s)
-print("ready", flush=True)
-while True:
-    for s in select.select(socks, [], [])[0]:
-        s.accept()[0].close()
-"""
-CLIENT = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except OSError:
-    sys.exit(1)
-"""
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
 
 @dataclass
 class Lab:
