@@ -42,13 +42,70 @@ class _Allocation:
 
 
 async def cmd_add(ctx: Ctx) -> dict[str, Any]:
-    req, conf, svc, w = ctx.req, ctx.conf, ctx.svc, ctx.workload
+    req, w = ctx.req, ctx.workload
     if not os.path.exists(req.netns):
         raise CNIError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS={req.netns} does not exist",
                        "the runtime must create the sandbox's network namespace before ADD")
     _ = w.name  # a name Calico cannot form fails here, before anything is allocated
     _drop_pending(ctx)  # this attachment is live again: an old pending DEL must not undo it
-    reads, mtu = await asyncio.gather(_read_for_add(ctx), _mtu(ctx))
+    mac = _requested_mac(req, None) or random_mac()
+    reading = asyncio.ensure_future(_read_for_add(ctx))
+    prepared: plumbing.PreparedVeth | None = None
+    allocation: _Allocation | None = None
+    try:
+        pod_if = await _pod_interface(ctx, mac)
+        await asyncio.sleep(0)  # the read goes out first; etcd answers while the veth is made
+        # the plumbing runs right on this thread: a netlink request is a syscall the kernel
+        # answers at once, and handing it to a worker thread costs more in wake-ups than it
+        # takes (each phase is under a millisecond; see cni.plumbing)
+        prepared = plumbing.prepare(pod_if, ctx.host_netns)
+        reads = await reading
+        allocation, mac, endpoint = await _allocate_for(ctx, reads, mac)
+        if endpoint is not None:  # a delegated IPAM plugin or requested addresses
+            await wep.write(ctx.svc.store, endpoint, reads.get(w.key))
+            allocation.endpoint_written = True
+        plumbed = prepared.finish(allocation.addresses, mac)  # removes the pair if it fails
+    except BaseException:
+        await _abandon(ctx, reading, prepared)
+        if allocation is not None:
+            await _rollback(ctx, allocation, endpoint_written=allocation.endpoint_written)
+        raise
+    ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
+                 w.host_ifname, req.netns, req.ifname, ", ".join(map(str, allocation.addresses)),
+                 plumbed.mtu, w.namespace, w.name)
+    return _result(ctx, allocation, plumbed)
+
+
+async def _pod_interface(ctx: Ctx, mac: str) -> plumbing.PodInterface:
+    """The veth to make; its addresses come later (PreparedVeth.finish)."""
+    req, w = ctx.req, ctx.workload
+    return plumbing.PodInterface(
+        netns=req.netns, container_ifname=req.ifname, host_ifname=w.host_ifname, addresses=(),
+        mtu=await _mtu(ctx), mac=mac, allow_ip_forwarding=ctx.conf.allow_ip_forwarding)
+
+
+async def _abandon(ctx: Ctx, reading: asyncio.Future[ReadResult],
+                   prepared: plumbing.PreparedVeth | None) -> None:
+    """After a failure: stop the read if it still runs, remove the veth if one was made."""
+    if not reading.done():
+        reading.cancel()
+    await asyncio.wait([reading])
+    if not reading.cancelled():
+        reading.exception()  # retrieved: the failure being raised is the one that matters
+    if prepared is None:
+        return
+    try:  # deleting a veth waits for the kernel (~30 ms): not on the loop's thread
+        await asyncio.wait_for(asyncio.to_thread(prepared.abandon), ROLLBACK_TIMEOUT)
+    except Exception as e:  # the runtime's DEL removes it anyway
+        ctx.log.error("could not remove the veth after the failure: %s", e)
+
+
+async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str
+                        ) -> tuple[_Allocation, str, dict[str, Any] | None]:
+    """The addresses, the pod MAC (the Pod's hwAddr annotation, known only now, wins over the
+    one the veth was made with) and the WorkloadEndpoint still to write (None when Tabby's IPAM
+    committed it with the addresses)."""
+    req, conf, svc, w = ctx.req, ctx.conf, ctx.svc, ctx.workload
     _check_datastore_ready(reads.get(CLUSTER_INFO.key("default")))
     pod = wep.resource(reads.get(pod_key)) if (pod_key := wep.pod_key(w)) else None
     ns_obj = wep.resource(reads.get(ns_key)) if (ns_key := wep.namespace_key(w)) else None
@@ -58,8 +115,7 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
-    # the pod MAC is chosen here, so the endpoint can be written before the pod is plumbed
-    mac = _requested_mac(req, pod) or random_mac()
+    mac = _requested_mac(req, pod) or mac
 
     def endpoint_ops(addresses: list[Any]) -> list[Any]:
         """The WorkloadEndpoint, committed in the allocation's own transaction."""
@@ -68,30 +124,9 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
 
     allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key),
                                  endpoint_ops)
-    plumb = write = None
-    try:
-        pod_if = plumbing.PodInterface(
-            netns=req.netns, container_ifname=req.ifname, host_ifname=w.host_ifname,
-            addresses=tuple(allocation.addresses), mtu=mtu, mac=mac,
-            allow_ip_forwarding=conf.allow_ip_forwarding)
-        plumb = asyncio.ensure_future(asyncio.to_thread(plumbing.setup, pod_if, ctx.host_netns))
-        if not allocation.endpoint_written:
-            endpoint = wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
-            write = asyncio.ensure_future(wep.write(svc.store, endpoint, reads.get(w.key)))
-        plumbed, *_ = await asyncio.gather(plumb, *([write] if write else []))
-    except BaseException:
-        # gather leaves the other one running: let it finish, then undo what both did
-        started = [t for t in (plumb, write) if t is not None]
-        if started:
-            await asyncio.wait(started)
-        written = allocation.endpoint_written or (
-            write is not None and not write.cancelled() and write.exception() is None)
-        await _rollback(ctx, allocation, endpoint_written=written)
-        raise
-    ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
-                 w.host_ifname, req.netns, req.ifname, ", ".join(map(str, allocation.addresses)),
-                 mtu, w.namespace, w.name)
-    return _result(ctx, allocation, plumbed)
+    if allocation.endpoint_written:
+        return allocation, mac, None
+    return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
 
 
 async def _read_for_add(ctx: Ctx) -> ReadResult:
@@ -235,15 +270,10 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
 
 
 async def _rollback(ctx: Ctx, allocation: _Allocation, endpoint_written: bool) -> None:
-    """Undo a failed ADD: the veth, the endpoint, then the addresses it allocated (each
-    bounded, best effort: the runtime's DEL finishes whatever is left)."""
-    req, w = ctx.req, ctx.workload
-    try:
-        await asyncio.wait_for(asyncio.to_thread(
-            plumbing.teardown, req.netns, req.ifname, w.host_ifname, ctx.host_netns),
-            ROLLBACK_TIMEOUT)
-    except Exception as e:
-        ctx.log.error("could not remove the veth after the failure: %s", e)
+    """Undo a failed ADD's datastore side: the endpoint, then the addresses it allocated (each
+    bounded, best effort: the runtime's DEL finishes whatever is left). The veth is removed
+    before this, by `_abandon`."""
+    w = ctx.workload
     if endpoint_written:
         try:
             await asyncio.wait_for(wep.delete_if_owned(

@@ -13,13 +13,16 @@ For one pod:
   169.254.1.1 (answered by proxy ARP on the host end), IPv6 default via the host end's link-local
   address, ip_forward per `allow_ip_forwarding`.
 
-All functions are synchronous (the daemon calls them through asyncio.to_thread). Work in another
-namespace runs in a short-lived thread joined to it (`cni.netns`), so the caller's thread never
-changes namespace. Each side uses one netlink socket per call and sends its requests in batches
-(`cni.netns.Rtnl`, messages encoded by pyroute2): setup is four round trips and ~3 ms. The pod
-MAC is chosen here (random, locally administered, as the kernel would) unless requested, so the
-host side never waits for the pod side and both ends are configured in parallel. check() and
-detect_mtu() are not hot and read the kernel through pyroute2's IPRoute.
+All functions are synchronous. Setup comes in two phases so ADD can make the veth while the
+IPAM talks to etcd: prepare() (the pair, no address needed) and PreparedVeth.finish() (sysctls,
+addresses, routes, neighbours). Work in another namespace either enters it on the calling
+thread for a short block (`cni.netns.entered`: the hot path, which ADD runs on the daemon's
+loop thread) or runs in a short-lived thread joined to it (teardown, check). Requests go out in
+batches on one netlink socket per namespace (`cni.netns.Rtnl`, bodies packed by
+`cni.rtnl_msgs`): setup is three round trips and ~1.5 ms. The pod MAC is chosen here (random,
+locally administered, as the kernel would) unless requested, so the host side never waits for
+the pod side. check() and detect_mtu() are not hot and read the kernel through pyroute2's
+IPRoute.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -43,12 +46,10 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWNEIGH,
     RTM_NEWROUTE,
 )
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.ndmsg import ndmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from cni import netns as nslib
+from cni import rtnl_msgs as msgs
 from cni.netns import Answer, RequestFailed, Rtnl, link_index, read_sysctl, write_sysctl
 from datastore.errors import TabbyError
 
@@ -137,11 +138,81 @@ def setup(pod: PodInterface, host_netns: str | None = None) -> Plumbed:
 
     Idempotent: a leftover veth of the same name (host side or pod side) and stale routes are
     replaced. On failure nothing is left behind."""
+    return prepare(pod, host_netns).finish(pod.addresses)
+
+
+def prepare(pod: PodInterface, host_netns: str | None = None) -> PreparedVeth:
+    """Phase one of setup, which needs no address: the pair, both ends still down. ADD runs it
+    while the IPAM works, then calls finish() with the addresses (pod.addresses is not read
+    here). On failure nothing is left behind."""
     _validate(pod)
     mac = (pod.mac or random_mac()).lower()
-    with _netns_fd(pod.netns, "pod") as pod_fd, _netns_fd(host_netns, "host") as host_fd:
-        nslib.run_in_netns(host_fd, _host_side, pod, pod_fd, mac)
-    return Plumbed(pod.host_ifname, HOST_MAC, pod.container_ifname, mac, pod.mtu, pod.netns)
+    pod_fd = _open_netns(pod.netns, "pod")
+    host_fd = None
+    try:
+        host_fd = None if host_netns is None else _open_netns(host_netns, "host")
+        with nslib.entered(host_fd):
+            host_nl, host_index, pod_nl, pod_index = _make_pair(pod, pod_fd, mac)
+    except BaseException:
+        for fd in (pod_fd, host_fd):
+            if fd is not None:
+                os.close(fd)
+        raise
+    return PreparedVeth(pod, mac, pod_fd, host_fd, host_nl, host_index, pod_nl, pod_index)
+
+
+class PreparedVeth:
+    """A veth pair made by prepare(): the host end in the host namespace, the peer in the
+    pod's, no address, down. Holds both namespaces' fds and a netlink socket in each (a socket
+    keeps its namespace, so phase two needs no new one) until finish() or abandon()."""
+
+    def __init__(self, pod: PodInterface, mac: str, pod_fd: int, host_fd: int | None,
+                 host_nl: Rtnl, host_index: int, pod_nl: Rtnl, pod_index: int) -> None:
+        self.pod, self.mac = pod, mac
+        self._pod_fd, self._host_fd = pod_fd, host_fd
+        self._host_nl, self._host_index = host_nl, host_index
+        self._pod_nl, self._pod_index = pod_nl, pod_index
+        self._open = True
+
+    def finish(self, addresses: tuple[IPInterface, ...] | list[IPInterface],
+               mac: str | None = None) -> Plumbed:
+        """Phase two: sysctls, addresses, links up, routes and neighbours. `mac` replaces the
+        pod MAC chosen in phase one (one the Pod's annotation asks for, known only after the
+        Pod was read). On failure the pair is removed."""
+        if not self._open:
+            raise PlumbingError(f"{self.pod.host_ifname}: this veth was already finished")
+        if mac is not None and not _MAC_RE.fullmatch(mac):
+            self.abandon()
+            raise PlumbingError(f"MAC {mac!r} is not six ':'-separated hex octets")
+        pod = replace(self.pod, addresses=tuple(addresses), mac=(mac or self.mac).lower())
+        try:
+            with nslib.entered(self._host_fd):  # the host end's sysctls resolve there
+                _finish_host_side(pod, self._host_nl, self._host_index)
+            _finish_pod_side(pod, self._pod_fd, self._pod_nl, self._pod_index,
+                             pod.mac != self.mac)
+        except BaseException:
+            self.abandon()
+            raise
+        self.close()
+        assert pod.mac is not None
+        return Plumbed(pod.host_ifname, HOST_MAC, pod.container_ifname, pod.mac, pod.mtu,
+                       pod.netns)
+
+    def abandon(self) -> None:
+        """Remove the pair (the peer goes with the host end) and release everything."""
+        if self._open:
+            _delete_quietly(self._host_nl, self._host_index)
+            self.close()
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._host_nl.close()
+        self._pod_nl.close()
+        for fd in (self._pod_fd, self._host_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 @contextmanager
@@ -150,16 +221,20 @@ def _netns_fd(path: str | None, role: str) -> Iterator[int | None]:
     if path is None:
         yield None
         return
-    try:
-        fd = nslib.open_fd(path)
-    except OSError as exc:
-        hint = ("the sandbox is gone or the runtime passed a wrong CNI_NETNS" if role == "pod"
-                else "check the host namespace path")
-        raise PlumbingError(f"{role} netns {path}: {exc.strerror or exc}; {hint}") from exc
+    fd = _open_netns(path, role)
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+def _open_netns(path: str, role: str) -> int:
+    try:
+        return nslib.open_fd(path)
+    except OSError as exc:
+        hint = ("the sandbox is gone or the runtime passed a wrong CNI_NETNS" if role == "pod"
+                else "check the host namespace path")
+        raise PlumbingError(f"{role} netns {path}: {exc.strerror or exc}; {hint}") from exc
 
 
 def _validate(pod: PodInterface) -> None:
@@ -175,20 +250,34 @@ def _validate(pod: PodInterface) -> None:
         raise PlumbingError("; ".join(problems))
 
 
-def _host_side(pod: PodInterface, pod_fd: int, mac: str) -> None:
-    """Runs in the host namespace: create the pair, then configure both ends in parallel."""
-    with Rtnl() as nl:
+def _make_pair(pod: PodInterface, pod_fd: int, mac: str) -> tuple[Rtnl, int, Rtnl, int]:
+    """In the host namespace: the pair, then the pod end's index through a socket opened in
+    the pod namespace. (host socket, host ifindex, pod socket, pod ifindex)."""
+    nl = Rtnl()
+    try:
         index = _create_veth(nl, pod, pod_fd, mac)
         try:
-            pod_side = nslib.Spawned(pod_fd, _pod_side, pod)
-            try:
-                _configure_host_end(nl, pod, index, mac)
-            finally:
-                pod_side.join()  # a host-side error wins; otherwise the pod side's is raised
-            pod_side.result()
+            pod_nl, pod_index = _open_pod_end(pod, pod_fd)
         except BaseException:
             _delete_quietly(nl, index)  # the pod end goes with it
             raise
+    except BaseException:
+        nl.close()
+        raise
+    return nl, index, pod_nl, pod_index
+
+
+def _open_pod_end(pod: PodInterface, pod_fd: int) -> tuple[Rtnl, int]:
+    """A socket in the pod namespace (the only step that must run there) and the pod end's
+    ifindex."""
+    with nslib.entered(pod_fd):
+        nl = Rtnl()
+    try:
+        _queue_get_link(nl, pod.container_ifname, f"in {pod.netns}")
+        return nl, link_index(_reply(_commit(nl)[0]))
+    except BaseException:
+        nl.close()
+        raise
 
 
 def _create_veth(nl: Rtnl, pod: PodInterface, pod_fd: int, mac: str) -> int:
@@ -207,15 +296,10 @@ def _create_veth(nl: Rtnl, pod: PodInterface, pod_fd: int, mac: str) -> int:
 
 
 def _add_veth(nl: Rtnl, pod: PodInterface, pod_fd: int, mac: str) -> int:
-    queues = [("IFLA_NUM_TX_QUEUES", 1), ("IFLA_NUM_RX_QUEUES", 1)]  # Calico's num_queues=1
-    peer = {"attrs": [("IFLA_IFNAME", pod.container_ifname), ("IFLA_NET_NS_FD", pod_fd),
-                      ("IFLA_ADDRESS", mac), ("IFLA_MTU", pod.mtu), *queues]}
-    info = {"attrs": [("IFLA_INFO_KIND", "veth"),
-                      ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]}
-    nl.queue(_msg(ifinfmsg, attrs=[("IFLA_IFNAME", pod.host_ifname), ("IFLA_ADDRESS", HOST_MAC),
-                                   ("IFLA_MTU", pod.mtu), *queues, ("IFLA_LINKINFO", info)]),
-             RTM_NEWLINK, NEW, f"creating veth {pod.host_ifname} (peer {pod.container_ifname} "
-             f"in {pod.netns})")
+    body = msgs.veth_pair(pod.host_ifname, HOST_MAC, pod.container_ifname, mac, pod_fd,
+                          pod.mtu, queues=1)  # Calico's num_queues=1
+    nl.queue(body, RTM_NEWLINK, NEW,
+             f"creating veth {pod.host_ifname} (peer {pod.container_ifname} in {pod.netns})")
     _queue_get_link(nl, pod.host_ifname)  # same batch: runs after the create
     return link_index(_reply(nl.commit()[1]))
 
@@ -228,7 +312,8 @@ def _remove_leftovers(nl: Rtnl, pod: PodInterface, pod_fd: int) -> None:
         nslib.run_in_netns(pod_fd, _delete_in_ns, pod.container_ifname)
 
 
-def _configure_host_end(nl: Rtnl, pod: PodInterface, index: int, mac: str) -> None:
+def _finish_host_side(pod: PodInterface, nl: Rtnl, index: int) -> None:
+    """In the host namespace (sysctls resolve there)."""
     name = pod.host_ifname
     with _step(f"setting sysctls of {name}", "is /proc/sys writable here?"):
         _host_sysctls(name, pod.has_v4, pod.has_v6)
@@ -238,9 +323,9 @@ def _configure_host_end(nl: Rtnl, pod: PodInterface, index: int, mac: str) -> No
     for addr in pod.addresses:
         dst = _single(addr).network
         _queue_route(nl, index, dst, None, f"route {dst} dev {name}", proto=ROUTE_PROTO)
-        nl.queue(_msg(ndmsg, family=_family(addr), ifindex=index, state=NUD_PERMANENT,
-                      attrs=[("NDA_DST", str(addr.ip)), ("NDA_LLADDR", mac)]),
-                 RTM_NEWNEIGH, REPLACE, f"adding neighbour {addr.ip} lladdr {mac} dev {name}")
+        assert pod.mac is not None
+        nl.queue(msgs.neighbour(_family(addr), index, str(addr.ip), pod.mac, NUD_PERMANENT),
+                 RTM_NEWNEIGH, REPLACE, f"adding neighbour {addr.ip} lladdr {pod.mac} dev {name}")
     _commit(nl)
 
 
@@ -268,26 +353,30 @@ def _host_sysctl_values(name: str, v4: bool, v6: bool) -> list[tuple[str, int]]:
     return values
 
 
-def _pod_side(pod: PodInterface) -> None:
-    """Runs in the pod namespace: sysctls, addresses, link up, routes."""
+def _finish_pod_side(pod: PodInterface, pod_fd: int, nl: Rtnl, index: int,
+                     new_mac: bool) -> None:
+    """Sysctls (inside the pod namespace), then through the pod's socket the MAC if it
+    changed, addresses, link up, routes."""
     name, where = pod.container_ifname, f"in {pod.netns}"
-    with Rtnl() as nl:
-        _queue_get_link(nl, name, where)
-        index = link_index(_reply(_commit(nl)[0]))
-        with _step(f"setting sysctls {where}", "IPv6 addresses need IPv6 in the kernel"):
-            _pod_sysctls(pod)
-        for addr in pod.addresses:
-            _queue_addr(nl, index, _single(addr), f"{name} {where}")
-        _queue_up(nl, index, f"{name} {where}")
-        if pod.has_v4:
-            _queue_route(nl, index, ipaddress.ip_network(f"{GATEWAY_V4}/32"), None,
-                         f"route {GATEWAY_V4} dev {name} {where}")
-            _queue_route(nl, index, ipaddress.ip_network("0.0.0.0/0"), GATEWAY_V4,
-                         f"default route via {GATEWAY_V4} {where}")
-        if pod.has_v6:
-            _queue_route(nl, index, ipaddress.ip_network("::/0"), GATEWAY_V6,
-                         f"default route via {GATEWAY_V6} {where}")
-        _commit(nl)
+    with _step(f"setting sysctls {where}", "IPv6 addresses need IPv6 in the kernel"), \
+            nslib.entered(pod_fd):
+        _pod_sysctls(pod)
+    if new_mac:
+        assert pod.mac is not None
+        nl.queue(msgs.link(index, attrs=msgs.attr(msgs.IFLA_ADDRESS, msgs.mac_bytes(pod.mac))),
+                 RTM_NEWLINK, 0, f"setting the MAC of {name} {where} to {pod.mac}")
+    for addr in pod.addresses:
+        _queue_addr(nl, index, _single(addr), f"{name} {where}")
+    _queue_up(nl, index, f"{name} {where}")
+    if pod.has_v4:
+        _queue_route(nl, index, ipaddress.ip_network(f"{GATEWAY_V4}/32"), None,
+                     f"route {GATEWAY_V4} dev {name} {where}")
+        _queue_route(nl, index, ipaddress.ip_network("0.0.0.0/0"), GATEWAY_V4,
+                     f"default route via {GATEWAY_V4} {where}")
+    if pod.has_v6:
+        _queue_route(nl, index, ipaddress.ip_network("::/0"), GATEWAY_V6,
+                     f"default route via {GATEWAY_V6} {where}")
+    _commit(nl)
 
 
 def _pod_sysctls(pod: PodInterface) -> None:
@@ -312,14 +401,6 @@ def _pod_sysctl_values(pod: PodInterface) -> list[tuple[str, int]]:
 # -- netlink requests (queued on an Rtnl, sent in one batch) -----------------------------------
 
 
-def _msg(cls: Any, attrs: list[tuple[str, Any]], **fields: Any) -> Any:
-    msg = cls()
-    for key, value in fields.items():
-        msg[key] = value
-    msg["attrs"] = attrs
-    return msg
-
-
 def _single(addr: IPInterface) -> IPInterface:
     """The address as /32 or /128, as Calico narrows block-masked IPAM results."""
     return ipaddress.ip_interface(f"{addr.ip}/{addr.max_prefixlen}")
@@ -331,45 +412,37 @@ def _family(addr: IPInterface | ipaddress.IPv4Network | ipaddress.IPv6Network) -
 
 def _queue_get_link(nl: Rtnl, name: str, where: str = "",
                     ignore: tuple[int, ...] = ()) -> None:
-    nl.queue(_msg(ifinfmsg, attrs=[("IFLA_IFNAME", name)]), RTM_GETLINK, 0,
+    nl.queue(msgs.link_by_name(name), RTM_GETLINK, 0,
              f"looking up {name}" + (f" {where}" if where else ""), ignore=ignore)
 
 
 def _queue_up(nl: Rtnl, index: int, label: str) -> None:
-    nl.queue(_msg(ifinfmsg, index=index, flags=IFF_UP, change=IFF_UP, attrs=[]),
-             RTM_NEWLINK, 0, f"setting {label} up")
+    nl.queue(msgs.link(index, flags=IFF_UP, change=IFF_UP), RTM_NEWLINK, 0, f"setting {label} up")
 
 
 def _queue_addr(nl: Rtnl, index: int, addr: IPInterface, label: str) -> None:
     ip = str(addr.ip)  # no DAD: a point-to-point link, and DAD would delay use by ~1 s
-    nl.queue(_msg(ifaddrmsg, family=_family(addr), prefixlen=addr.network.prefixlen,
-                  flags=IFA_F_NODAD, index=index,
-                  attrs=[("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]),
+    nl.queue(msgs.address(_family(addr), index, ip, addr.network.prefixlen, IFA_F_NODAD),
              RTM_NEWADDR, REPLACE, f"adding {addr} to {label}")
 
 
 def _queue_route(nl: Rtnl, index: int, dst: ipaddress.IPv4Network | ipaddress.IPv6Network,
                  gateway: str | None, what: str, proto: int = RTPROT_STATIC) -> None:
-    attrs: list[tuple[str, Any]] = [("RTA_OIF", index)]
-    if dst.prefixlen:
-        attrs.append(("RTA_DST", str(dst.network_address)))
-    if gateway:
-        attrs.append(("RTA_GATEWAY", gateway))
-    nl.queue(_msg(rtmsg, family=_family(dst), dst_len=dst.prefixlen, table=MAIN_TABLE,
-                  proto=proto, scope=RT_SCOPE_UNIVERSE if gateway else SCOPE_LINK,
-                  type=RTN_UNICAST, attrs=attrs),
-             RTM_NEWROUTE, REPLACE, f"adding {what}")
+    body = msgs.route(_family(dst), index, str(dst.network_address), dst.prefixlen, gateway,
+                      table=MAIN_TABLE, proto=proto,
+                      scope=RT_SCOPE_UNIVERSE if gateway else SCOPE_LINK, route_type=RTN_UNICAST)
+    nl.queue(body, RTM_NEWROUTE, REPLACE, f"adding {what}")
 
 
 def _delete_link(nl: Rtnl, name: str) -> bool:
     """Delete by name; False when there is none."""
-    nl.queue(_msg(ifinfmsg, attrs=[("IFLA_IFNAME", name)]), RTM_DELLINK, 0,
+    nl.queue(msgs.link_by_name(name), RTM_DELLINK, 0,
              f"deleting {name}", ignore=(ENODEV,))
     return _commit(nl)[0].error == 0
 
 
 def _delete_quietly(nl: Rtnl, index: int) -> None:
-    nl.queue(_msg(ifinfmsg, index=index, attrs=[]), RTM_DELLINK, 0, "cleanup")
+    nl.queue(msgs.link(index), RTM_DELLINK, 0, "cleanup")
     with suppress(RequestFailed):  # already gone, or the original error matters more
         nl.commit()
 

@@ -1,15 +1,21 @@
 """tabby: the CNI executable. Forwards the request to tabby-node, or runs it in-process.
 
-The runtime execs this for every ADD/DEL/CHECK/GC/STATUS/VERSION, so it must start fast and
-import only C modules that are already built into the interpreter: `json` and `socket` would
-cost ~13 ms per exec (they pull in `re` and `enum`); `_json`, `_socket` and `posix` cost <1 ms.
-cni-install copies this file as the `tabby` binary with `#!/usr/bin/python3 -IS` and rewrites
-TABBY_PYTHON below; it never imports anything of Tabby's.
+The runtime execs this for every ADD/DEL/CHECK/GC/STATUS/VERSION, so it must start fast: it
+imports only modules the interpreter has already loaded or built in (`_socket`, `posix`, `sys`,
+`time`). `json` and `socket` would cost ~13 ms per exec (they pull in `re` and `enum`); even
+`_json` (a shared object) and `__future__` cost ~0.5 ms, so the wire format below is bytes, not
+JSON. cni-install copies this file as the `tabby` binary with `#!/usr/bin/python3 -IS` and
+rewrites TABBY_PYTHON below; it never imports anything of Tabby's.
 
-Wire protocol (unix stream socket, env TABBY_CNI_SOCKET or /run/tabby/cni.sock): the request
-is one JSON object `{"env": {CNI_* and PATH}, "stdin": "<stdin, utf-8>"}`, then the shim shuts
-its write side; the reply is one JSON object `{"exit_code": n, "stdout": "...", "stderr": "..."}`,
-then the daemon closes.
+Wire protocol (unix stream socket, env TABBY_CNI_SOCKET or /run/tabby/cni.sock), bytes as the
+runtime gave them, nothing decoded or escaped:
+
+    request: b"TABBY-CNI 2\n", then `NAME=VALUE\0` for every CNI_* variable and PATH, then
+             b"\0", then stdin; the shim then shuts its write side
+    reply:   b"TABBY-CNI 2 <exit code> <length of stdout>\n", stdout, stderr; then the daemon
+             closes
+
+(tabby-node also still answers the JSON frames of the first shims, in JSON.)
 
 Fallback: when the socket is absent, refuses, or cannot be reached within CONNECT_TIMEOUT, the
 request has not been delivered, so running it in-process cannot double it: the shim execs the
@@ -18,17 +24,10 @@ delivered it never falls back; a daemon that does not answer within REPLY_TIMEOU
 65 s bound plus a margin) gets CNI error 11, so the runtime retries instead of hanging.
 """
 
-from __future__ import annotations
-
 import _socket
 import posix
 import sys
 import time
-
-try:  # CPython's JSON accelerator: full JSON without importing `re`
-    import _json
-except ImportError:  # pragma: no cover - other interpreters
-    _json = None  # type: ignore[assignment]
 
 VERSION = "0.1.0"
 # cni-install rewrites this line in the installed copy to the venv's python.
@@ -37,6 +36,7 @@ DEFAULT_SOCKET = "/run/tabby/cni.sock"
 CONNECT_TIMEOUT = 2.0
 REPLY_TIMEOUT = 75.0  # tabby-node bounds each request at 65 s and then answers error 11
 FALLBACK_MODULE = "cni.fallback"
+MAGIC = b"TABBY-CNI 2"
 
 # cni.spec's SUPPORTED_VERSIONS (a unit test keeps them equal); only for the shim's own errors
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -49,6 +49,8 @@ _AF_UNIX = 1
 _SOCK_STREAM = 1
 _SHUT_WR = 1
 
+Env = dict[bytes, bytes]
+
 
 class Unreachable(Exception):
     """The request was not delivered to tabby-node: falling back is safe."""
@@ -58,97 +60,63 @@ class NoAnswer(Exception):
     """The request was delivered but no usable reply came back: do not run it twice."""
 
 
-# -- JSON without the json package ------------------------------------------------------------
+# -- the frames -------------------------------------------------------------------------------
 
 
-class _ScanContext:
-    """What _json.make_scanner reads from a json.JSONDecoder."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = None  # NaN/Infinity: a TypeError, reported as a malformed reply
+def encode_request(env: Env, stdin: bytes) -> bytes:
+    entries = b"".join(k + b"=" + v + b"\0" for k, v in sorted(env.items()))
+    return MAGIC + b"\n" + entries + b"\0" + stdin
 
 
-def loads(text: str) -> object:
-    if _json is None:  # pragma: no cover
-        import json
-
-        return json.loads(text)
-    start = len(text) - len(text.lstrip())
-    try:
-        obj, end = _json.make_scanner(_ScanContext())(text, start)
-    except (StopIteration, TypeError, ValueError) as e:
-        raise ValueError(f"not JSON ({e!r})") from None
-    if text[end:].strip():
-        raise ValueError("extra data after the JSON value")
-    return obj
-
-
-def _string(text: str) -> str:
-    if _json is None:  # pragma: no cover
-        import json
-
-        return json.dumps(text)
-    return _json.encode_basestring_ascii(text)
-
-
-def encode_request(env: dict[str, str], stdin: bytes) -> bytes:
-    """The request frame; invalid UTF-8 in stdin survives as surrogate escapes."""
-    pairs = ",".join(f"{_string(k)}:{_string(v)}" for k, v in sorted(env.items()))
-    text = stdin.decode("utf-8", "surrogateescape")
-    return f'{{"env":{{{pairs}}},"stdin":{_string(text)}}}'.encode("ascii")
-
-
-def decode_reply(data: bytes) -> tuple[int, str, str]:
+def decode_reply(data: bytes) -> tuple[int, bytes, bytes]:
     """(exit_code, stdout, stderr) from a reply frame; ValueError when it is not one."""
-    reply = loads(data.decode("utf-8", "surrogateescape"))
-    if not isinstance(reply, dict):
-        raise ValueError("the reply is not a JSON object")
-    code, out, err = reply.get("exit_code"), reply.get("stdout", ""), reply.get("stderr", "")
-    if type(code) is not int or not isinstance(out, str) or not isinstance(err, str):
-        raise ValueError("the reply lacks exit_code/stdout/stderr")
-    return code, out, err
+    head, sep, rest = data.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 4 or b" ".join(fields[:2]) != MAGIC:
+        raise ValueError("the reply is not a tabby-node reply frame")
+    if not (fields[2].lstrip(b"-").isdigit() and fields[3].isdigit()):
+        raise ValueError("the reply's exit code or length is not a number")
+    length = int(fields[3])
+    if length > len(rest):
+        raise ValueError("the reply is shorter than its stdout length")
+    return int(fields[2]), rest[:length], rest[length:]
 
 
 # -- the request ------------------------------------------------------------------------------
 
 
-def environ() -> dict[str, str]:
-    return {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
-            for k, v in posix.environ.items()}
-
-
-def forwarded_env(env: dict[str, str]) -> dict[str, str]:
+def forwarded_env(env: Env) -> Env:
     """What the daemon gets: every CNI_* variable and PATH (nothing else of the runtime's)."""
-    return {k: v for k, v in env.items() if k.startswith("CNI_") or k == "PATH"}
+    return {k: v for k, v in env.items() if k.startswith(b"CNI_") or k == b"PATH"}
 
 
-def read_stdin(env: dict[str, str]) -> bytes:
+def _text(env: Env, name: str) -> str:
+    return env.get(name.encode(), b"").decode("utf-8", "surrogateescape")
+
+
+def read_stdin(env: Env) -> bytes:
     stream = sys.stdin
     if stream is None:  # fd 0 closed
         return b""
-    if env.get("CNI_COMMAND", "") in ("", "VERSION") and stream.isatty():
+    if env.get(b"CNI_COMMAND", b"") in (b"", b"VERSION") and stream.isatty():
         return b""  # a person at a terminal: nothing will come
     return stream.buffer.read()
 
 
 def error_json(code: int, details: str, stdin: bytes) -> str:
-    """A CNI error result in the request's cniVersion (when it names one we know)."""
+    """A CNI error result in the request's cniVersion (when it names one we know). Only on
+    failures, so `json` may be imported here."""
+    import json
+
     version = CURRENT_VERSION
     try:
-        conf = loads(stdin.decode("utf-8"))
+        conf = json.loads(stdin.decode("utf-8"))
         if isinstance(conf, dict) and conf.get("cniVersion") in SUPPORTED_VERSIONS:
             version = conf["cniVersion"]
     except (ValueError, UnicodeDecodeError):
         pass
-    fields = [("cniVersion", version), ("code", code), ("msg", _ERROR_NAMES[code]),
-              ("details", details)]
-    body = ",\n".join(f"    {_string(k)}: {v if isinstance(v, int) else _string(v)}"
-                      for k, v in fields)
-    return "{\n" + body + "\n}\n"
+    return json.dumps({"cniVersion": version, "code": code, "msg": _ERROR_NAMES[code],
+                       "details": details}, indent=4) + "\n"
 
 
 # -- the socket -------------------------------------------------------------------------------
@@ -203,8 +171,8 @@ def ask(path: str, frame: bytes, connect_timeout: float, reply_timeout: float) -
 # -- the fallback -----------------------------------------------------------------------------
 
 
-def fallback_python(env: dict[str, str]) -> str:
-    return env.get("TABBY_PYTHON") or TABBY_PYTHON or sys.executable
+def fallback_python(env: Env) -> str:
+    return _text(env, "TABBY_PYTHON") or TABBY_PYTHON or sys.executable
 
 
 def exec_fallback(python: str, stdin: bytes) -> None:
@@ -220,16 +188,18 @@ def exec_fallback(python: str, stdin: bytes) -> None:
     posix.execv(python, [python, "-I", "-m", FALLBACK_MODULE])
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+def _float(env: Env, name: str, default: float) -> float:
     try:
-        return float(env[name])
-    except (KeyError, ValueError):
+        return float(_text(env, name) or default)
+    except ValueError:
         return default
 
 
-def _write(stream: object, text: str) -> None:
-    if text and stream is not None:
-        stream.buffer.write(text.encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
+def _write(stream: object, data: bytes | str) -> None:
+    if data and stream is not None:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        stream.buffer.write(data)  # type: ignore[attr-defined]
         stream.flush()  # type: ignore[attr-defined]
 
 
@@ -238,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[1:2] in (["--version"], ["-v"]):
         _write(sys.stdout, f"tabby {VERSION}\n")
         return 0
-    env = environ()
+    env = dict(posix.environ)
     stdin = read_stdin(env)
-    path = env.get("TABBY_CNI_SOCKET") or DEFAULT_SOCKET
+    path = _text(env, "TABBY_CNI_SOCKET") or DEFAULT_SOCKET
     try:
         raw = ask(path, encode_request(forwarded_env(env), stdin),
                   _float(env, "TABBY_CNI_CONNECT_TIMEOUT", CONNECT_TIMEOUT),

@@ -171,12 +171,15 @@ class CniService:
 
     async def answer(self, reader: asyncio.StreamReader) -> bytes:
         """Read one request frame and return the reply frame; never raises for bad input."""
+        legacy = False
         try:
-            env, stdin = parse_request(await _read_all(reader))
+            data = await _read_all(reader)
+            legacy = is_legacy(data)
+            env, stdin = parse_request(data)
         except (ValueError, TimeoutError) as e:
             self.log.warning("bad CNI request frame: %s", e)
             details = f"bad request from the tabby shim: {e}"
-            return reply_frame(1, error_stdout(spec.DECODING_FAILURE, details, b""), "")
+            return reply_frame(1, error_stdout(spec.DECODING_FAILURE, details, b""), "", legacy)
         started = time.monotonic()
         command = env.get("CNI_COMMAND", "")
         self.in_flight += 1
@@ -190,7 +193,7 @@ class CniService:
         self.log.log(level, "CNI %s container=%s ifname=%s -> exit %d in %.1f ms",
                      command or "?", env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""),
                      exit_code, elapsed)
-        return reply_frame(exit_code, out, err)
+        return reply_frame(exit_code, out, err, legacy)
 
     async def _run(self, env: Mapping[str, str], stdin: bytes) -> tuple[int, str, str]:
         command = env.get("CNI_COMMAND", "?")
@@ -222,8 +225,34 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
     return b"".join(chunks)
 
 
+MAGIC = b"TABBY-CNI 2"  # cni.shim's frames; a frame starting with "{" is the first shims' JSON
+
+
+def is_legacy(data: bytes) -> bool:
+    return data[:1] == b"{"
+
+
 def parse_request(data: bytes) -> tuple[dict[str, str], bytes]:
     """(environment, stdin bytes) from a request frame; ValueError says what is wrong."""
+    if is_legacy(data):
+        return _parse_json_request(data)
+    head, sep, rest = data.partition(b"\n")
+    if not sep or head != MAGIC:
+        raise ValueError(f"does not start with {MAGIC.decode()!r} (an older or foreign client?)")
+    env: dict[str, str] = {}
+    while True:
+        entry, sep, rest = rest.partition(b"\0")
+        if not sep:
+            raise ValueError("the environment is not terminated")
+        if not entry:
+            return env, rest
+        name, eq, value = entry.partition(b"=")
+        if not eq or not name:
+            raise ValueError(f"environment entry {entry[:40]!r} is not NAME=VALUE")
+        env[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+
+
+def _parse_json_request(data: bytes) -> tuple[dict[str, str], bytes]:
     try:
         frame = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -236,13 +265,17 @@ def parse_request(data: bytes) -> tuple[dict[str, str], bytes]:
         raise ValueError("'env' must be an object of strings")
     if not isinstance(stdin, str):
         raise ValueError("'stdin' must be a string")
-    # the shim sends invalid UTF-8 as surrogate escapes; this gives back the runtime's bytes
+    # that shim sent invalid UTF-8 as surrogate escapes; this gives back the runtime's bytes
     return env, stdin.encode("utf-8", "surrogateescape")
 
 
-def reply_frame(exit_code: int, stdout: str, stderr: str) -> bytes:
-    frame = {"exit_code": exit_code, "stdout": stdout, "stderr": stderr}
-    return json.dumps(frame).encode("utf-8", "surrogateescape")
+def reply_frame(exit_code: int, stdout: str, stderr: str, legacy: bool = False) -> bytes:
+    if legacy:
+        frame = {"exit_code": exit_code, "stdout": stdout, "stderr": stderr}
+        return json.dumps(frame).encode("utf-8", "surrogateescape")
+    out = stdout.encode("utf-8", "surrogateescape")
+    return (b"%s %d %d\n" % (MAGIC, exit_code, len(out)) + out
+            + stderr.encode("utf-8", "surrogateescape"))
 
 
 def error_stdout(code: int, details: str, stdin: bytes) -> str:
@@ -309,19 +342,31 @@ def _remove_stale(path: Path) -> None:
 
 async def probe(path: str | Path, timeout: float = 2.0) -> dict[str, Any]:
     """Ask the service for VERSION, as the shim would; the decoded reply (raises on failure)."""
-    request = json.dumps({"env": {"CNI_COMMAND": spec.VERSION},
-                          "stdin": json.dumps({"cniVersion": spec.CURRENT_VERSION})})
+    stdin = json.dumps({"cniVersion": spec.CURRENT_VERSION}).encode()
+    request = MAGIC + b"\nCNI_COMMAND=" + spec.VERSION.encode() + b"\0\0" + stdin
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_unix_connection(str(path))
         try:
-            writer.write(request.encode())
+            writer.write(request)
             writer.write_eof()
             data = await reader.read()
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-    reply = json.loads(data)
-    if reply.get("exit_code") != 0:
+    reply = decode_reply(data)
+    if reply["exit_code"] != 0:
         raise ServiceError(f"VERSION through {path} answered {reply}")
     return reply
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """{"exit_code", "stdout", "stderr"} of a reply frame (as the shim reads it)."""
+    head, _, rest = data.partition(b"\n")
+    fields = head.split(b" ")
+    if len(fields) != 4 or b" ".join(fields[:2]) != MAGIC:
+        raise ValueError(f"not a reply frame: {data[:200]!r}")
+    length = int(fields[3])
+    return {"exit_code": int(fields[2]),
+            "stdout": rest[:length].decode("utf-8", "surrogateescape"),
+            "stderr": rest[length:].decode("utf-8", "surrogateescape")}

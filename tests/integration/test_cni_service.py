@@ -32,7 +32,14 @@ from typing import Any
 import pytest
 
 from cni import spec
-from node.cni_service import CniService, ServiceError, ServicesCache, bind_socket, probe
+from node.cni_service import (
+    CniService,
+    ServiceError,
+    ServicesCache,
+    bind_socket,
+    decode_reply,
+    probe,
+)
 from tests.etcd_server import EtcdServer
 from tests.unit.test_shim import PYTHON, SHIM
 
@@ -221,13 +228,17 @@ def test_a_bad_frame_gets_a_decoding_error(short_dir: Path) -> None:
 
     sock = short_dir / "cni.sock"
     with ServiceThread(sock, handler):
-        for frame in (b"not json", b"[1]", b'{"env": {"A": 1}, "stdin": ""}'):
+        frames = [b"not a frame", b"TABBY-CNI 2\nCNI_COMMAND=ADD", b"TABBY-CNI 2\nNOEQUALS\0\0",
+                  b"TABBY-CNI 9\n\0", b'{"env": {"A": 1}, "stdin": ""}', b"[1]"]
+        for frame in frames:
             with socket.socket(socket.AF_UNIX) as c:
                 c.connect(str(sock))
                 c.sendall(frame)
                 c.shutdown(socket.SHUT_WR)
-                reply = json.loads(b"".join(iter(lambda c=c: c.recv(65536), b"")))
-            assert reply["exit_code"] == 1
+                raw = b"".join(iter(lambda c=c: c.recv(65536), b""))
+            # the first shims' JSON frames are answered in JSON, everything else in frames
+            reply = json.loads(raw) if frame.startswith(b"{") else decode_reply(raw)
+            assert reply["exit_code"] == 1, frame
             assert json.loads(reply["stdout"])["code"] == spec.DECODING_FAILURE
 
 

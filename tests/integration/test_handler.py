@@ -312,6 +312,32 @@ def test_workload_endpoint_as_calico_writes_it(lab: Harness) -> None:
     assert by_key[handle_key] == wep_rev
 
 
+def test_pod_annotations_read_while_the_veth_is_made(lab: Harness) -> None:
+    """ADD makes the veth before the Pod is read: a MAC the Pod's annotation asks for still
+    wins, and a Pod that turns out to use the host network gets its veth removed."""
+    lab.apply(
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "fixed-mac", "namespace": "prod",
+                      "annotations": {"cni.projectcalico.org/hwAddr": "0A:58:0A:F4:00:09"}},
+         "spec": {"containers": [{"name": "c"}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hostnet", "namespace": "prod"},
+         "spec": {"hostNetwork": True, "containers": [{"name": "c"}]}})
+    pod = lab.pod()
+    result = lab.add(pod, "fixed-mac", "cmac1")
+    assert result["interfaces"][1]["mac"] == "0a:58:0a:f4:00:09"
+    [eth0] = ip_json(pod, "link", "show", "eth0")
+    assert eth0["address"] == "0a:58:0a:f4:00:09"
+    [endpoint] = etcd_values(lab.server, WEP_PREFIX).values()
+    assert endpoint["spec"]["mac"] == "0a:58:0a:f4:00:09"
+    ok(lab.call("DEL", lab.conf(), "cmac1", pod, pod_args("fixed-mac", cid="cmac1")))
+    other = lab.pod()
+    out = failed(lab.call("ADD", lab.conf(), "chost1", other, pod_args("hostnet", cid="chost1")),
+                 spec.INVALID_CONFIG)
+    assert "host network" in out["msg"]
+    assert_clean(lab)
+    assert link_names(other) == {"lo"}
+
+
 def test_non_k8s_workload_and_requested_ip_and_mac(lab: Harness) -> None:
     """podman's CNI_ARGS: only K8S_POD_NAME, plus IP= and MAC= for --ip and --mac-address."""
     pod = lab.pod()

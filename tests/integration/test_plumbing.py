@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,22 @@ def test_run_in_netns_enters_the_target_and_leaves_the_caller(make_ns: Callable[
         nslib.run_in_netns("/run/netns/tabby-t-absent", os.getpid)
 
 
+def test_entered_moves_this_thread_and_back_even_on_failure(
+        make_ns: Callable[[], str]) -> None:
+    ns = make_ns()
+    before = os.readlink("/proc/thread-self/ns/net")
+    with nslib.open_netns(ns) as fd:
+        with nslib.entered(fd):
+            assert os.readlink("/proc/thread-self/ns/net") == \
+                f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]"
+        assert os.readlink("/proc/thread-self/ns/net") == before
+        with pytest.raises(ZeroDivisionError), nslib.entered(fd):
+            _ = 1 / 0
+        assert os.readlink("/proc/thread-self/ns/net") == before
+    with nslib.entered(None):  # None stays put
+        assert os.readlink("/proc/thread-self/ns/net") == before
+
+
 def test_netns_exists(make_ns: Callable[[], str], tmp_path: Path) -> None:
     ns = make_ns()
     assert nslib.exists(ns) and nslib.exists(f"/run/netns/{ns}")
@@ -184,6 +201,31 @@ def test_forwarding_and_mac_as_requested(host: str, make_ns: Callable[[], str]) 
     # the pod's sysctls landed in the pod, not in the namespace the host side ran in
     assert sysctls(host, "net.ipv4.ip_forward") == ["0"]
     assert plumbing.check(pod, host_netns=host) == []
+
+
+def test_two_phases_mac_chosen_late_and_abandon(host: str, make_ns: Callable[[], str]) -> None:
+    """prepare() makes the pair with no address (ADD runs it beside the IPAM); finish() may
+    switch the pod MAC (a Pod annotation read meanwhile); abandon() leaves nothing."""
+    ns = make_ns()
+    pod = pod_if(ns, 6, mac="0a:58:0a:41:00:06")
+    prepared = plumbing.prepare(replace(pod, addresses=()), host_netns=host)
+    assert ip_json(ns, "addr", "show", "dev", "eth0")[0]["addr_info"] == []
+    assert ip_json(host, "link", "show", "dev", pod.host_ifname)[0]["address"] == \
+        plumbing.HOST_MAC
+    done = prepared.finish(pod.addresses, mac="0A:58:0A:41:00:66")
+    assert done.container_mac == "0a:58:0a:41:00:66"
+    assert ip_json(ns, "link", "show", "dev", "eth0")[0]["address"] == "0a:58:0a:41:00:66"
+    assert plumbing.check(replace(pod, mac="0a:58:0a:41:00:66"), host_netns=host) == []
+    with pytest.raises(PlumbingError, match="already finished"):
+        prepared.finish(pod.addresses)
+    prepared.abandon()  # after finish: nothing to undo
+    assert _exists(host, pod.host_ifname)
+
+    other = make_ns()
+    second = plumbing.prepare(pod_if(other, 7), host_netns=host)
+    second.abandon()
+    second.abandon()
+    assert not _exists(other, "eth0") and not _exists(host, pod_if(other, 7).host_ifname)
 
 
 def test_setup_replaces_leftovers(host: str, make_ns: Callable[[], str]) -> None:
