@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ CLONE_NEWNET = 0x40000000
 VENV_BIN = Path(sys.executable).parent
 GO_PLUGINS = "/usr/lib/cni"
 BEGIN, END = "<!-- bench_cni:begin -->", "<!-- bench_cni:end -->"
+SHIM_PYTHON = "/usr/bin/python3"  # what cni-install puts in the shim's #! line (3.11+ here)
 
 
 def enter_netns(name: str) -> None:
@@ -92,6 +94,39 @@ def cni_exec(binary: str, command: str, conf: dict, netns: str, cid: str,
         tail = proc.stderr.strip()[-500:]
         raise RuntimeError(f"{binary} {command}: {proc.stdout.strip()} {tail}")
     return took, (json.loads(proc.stdout) if proc.stdout.strip() else None)
+
+
+def exec_median(argv: list[str], env: dict[str, str], stdin: str = "", runs: int = 30) -> float:
+    """Median ms of whole execs of argv (for the start-up rows)."""
+    took = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, input=stdin, env=env, capture_output=True, text=True, timeout=30,
+                       check=True)
+        took.append(time.perf_counter() - start)
+    return statistics.median(took) * 1000
+
+
+def daemon_add_median(log_file: Path) -> float:
+    """Median ms tabby-node spent on the ADDs it logged (from accept to answer)."""
+    took = [float(m.group(1)) for m in re.finditer(r"CNI ADD .* in ([0-9.]+) ms",
+                                                    log_file.read_text())]
+    return statistics.median(took) if took else float("nan")
+
+
+def startup_figures(tabby: Plugin, anchor: Plugin) -> dict[str, float]:
+    """What each side costs before any work: the interpreter, the shim's round trip to
+    tabby-node (VERSION, answered without work), the Go plugins' own VERSION."""
+    version = {"CNI_COMMAND": "VERSION"}
+    conf = json.dumps(anchor.conf)
+    return {
+        "python_start": exec_median([SHIM_PYTHON, "-IS", "-c", "pass"], anchor.env),
+        "tabby_version": exec_median([tabby.binary], dict(tabby.env, **version),
+                                     json.dumps(tabby.conf)),
+        "ptp_version": exec_median([anchor.binary], dict(anchor.env, **version), conf),
+        "host_local_version": exec_median([f"{GO_PLUGINS}/host-local"],
+                                          dict(anchor.env, **version), conf),
+    }
 
 
 def p90(values: list[float]) -> float:
@@ -220,7 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             for plugin in (tabby, anchor):
                 plugin.finish(ns)
         count, width = (int(x) for x in args.parallel.split("/"))
-        figures: dict[str, float] = {}
+        figures = startup_figures(tabby, anchor)
+        figures["daemon_add"] = daemon_add_median(tmp / "tabby-node.log")
         for plugin in (tabby, anchor):
             figures[f"{plugin.label}_add_median"] = statistics.median(plugin.add) * 1000
             figures[f"{plugin.label}_add_p90"] = p90(plugin.add) * 1000
@@ -264,7 +300,7 @@ def main() -> None:
         "installed `tabby` shim forwarding to a running `tabby-node` (Tabby IPAM in a local "
         "etcd, WorkloadEndpoint written in the same transaction as the address; tabby-node "
         "without felix and the routing agent, whose reactions to Tabby's pods would slow the "
-        "anchor's execs too: with them on, the ratio measured 1.3-1.7x). Anchor: Debian's Go "
+        "anchor's execs too and flatter the ratio). Anchor: Debian's Go "
         "`ptp` + `host-local` (local files, no datastore). Reproduce: "
         "`sudo .venv/bin/python bench/bench_cni.py`.",
         "",
@@ -278,6 +314,18 @@ def main() -> None:
         f"{f['ptp_par_wall']:.2f} s | {ratio('par_wall')} |",
         f"| same, median ADD | {f['tabby_par_median']:.1f} ms | {f['ptp_par_median']:.1f} ms | "
         f"{ratio('par_median')} |",
+        "",
+        "Where an ADD's time goes (medians, same run): "
+        f"`{SHIM_PYTHON} -IS -c pass` (the shim's interpreter, before any code) "
+        f"{f['python_start']:.1f} ms; `tabby` VERSION through tabby-node (interpreter + shim + "
+        f"socket round trip, no work) {f['tabby_version']:.1f} ms; inside tabby-node, from "
+        f"accept to answer {f['daemon_add']:.1f} ms (one etcd read, the veth made meanwhile, one "
+        "etcd transaction with the address and the WorkloadEndpoint, then addresses and routes). "
+        f"The anchor's Go starts: `ptp` VERSION {f['ptp_version']:.1f} ms, `host-local` VERSION "
+        f"{f['host_local_version']:.1f} ms, two of which make its whole ADD. Tabby's interpreter "
+        "start alone is most of the anchor's ADD, so 1.5x would leave the daemon "
+        f"{1.5 * f['ptp_add_median'] - f['tabby_version']:.1f} ms for two etcd round trips "
+        "(one with fsync) and the plumbing.",
         END,
     ]
     body = "\n".join(lines)
