@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress  # noqa: F401
-import json
 import logging
 import os
 import sys
@@ -142,7 +141,7 @@ PREFIX_ENV = "FELIX_INTERFACEPREFIX"  # the request's, else tabby-node's own env
 
 async def handle(environ: Mapping[str, str], stdin: bytes, services: ServicesFactory) -> Reply:
     """One CNI request; never raises: every failure is a Reply with the CNI error JSON."""
-    version = _peek_version(stdin)
+    version = spec.peek_version(stdin)
     rlog = RequestLog(environ.get("CNI_COMMAND", "?"))
     ctx: Ctx | None = None
     try:
@@ -218,13 +217,6 @@ def _traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
 
-def _peek_version(stdin: bytes) -> str:
-    """The config's cniVersion for error output, when there is a usable one."""
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        version = json.loads(stdin).get("cniVersion")
-        if version in spec.SUPPORTED_VERSIONS:
-            return str(version)
-    return spec.CURRENT_VERSION
 
 
 _dump = spec.render

@@ -347,7 +347,7 @@ def handle_request(environ: Mapping[str, str], stdin: IO[bytes],
     log = None
     try:
         data = _read_stdin(environ, stdin)
-        version = _peek_version(data)
+        version = spec.peek_version(data)
         req = spec.read_request(environ, data)
         if req.command == spec.VERSION:
             _emit(stdout, spec.version_result(req.version))
@@ -385,13 +385,6 @@ def _read_stdin(environ: Mapping[str, str], stdin: IO[bytes]) -> bytes:
                        "the runtime must write the config to the plugin's stdin") from None
 
 
-def _peek_version(data: bytes) -> str:
-    """The config's cniVersion for error output, when there is a usable one."""
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        version = json.loads(data).get("cniVersion")
-        if version in spec.SUPPORTED_VERSIONS:
-            return version
-    return spec.CURRENT_VERSION
 
 
 def _emit(stdout: IO[str], obj: Mapping[str, Any]) -> None:

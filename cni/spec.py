@@ -16,6 +16,7 @@ libcni's reference code define it:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -140,6 +141,15 @@ def negotiate(config_versions: Iterable[str],
     if not common:
         check_version(max(offered, key=parse_version, default=""), supported)
     return max(common, key=parse_version)
+
+
+def peek_version(stdin: bytes) -> str:
+    """The config's cniVersion for error output, when it names one Tabby supports."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        version = json.loads(stdin).get("cniVersion")
+        if version in SUPPORTED_VERSIONS:
+            return str(version)
+    return CURRENT_VERSION
 
 
 def render(obj: Mapping[str, Any]) -> str:

@@ -281,15 +281,9 @@ def reply_frame(exit_code: int, stdout: str, stderr: str, legacy: bool = False) 
 def error_stdout(code: int, details: str, stdin: bytes) -> str:
     """A CNI error result as the handler prints it, in the request's cniVersion if known."""
     err = spec.CNIError(code, spec.ERROR_NAMES.get(code, "Internal error"), details)
-    return json.dumps(err.to_json(_peek_version(stdin)), indent=4) + "\n"
+    return json.dumps(err.to_json(spec.peek_version(stdin)), indent=4) + "\n"
 
 
-def _peek_version(stdin: bytes) -> str:
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        version = json.loads(stdin).get("cniVersion")
-        if version in spec.SUPPORTED_VERSIONS:
-            return version
-    return spec.CURRENT_VERSION
 
 
 # -- the socket file --------------------------------------------------------------------------

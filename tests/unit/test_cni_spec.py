@@ -72,6 +72,12 @@ def test_error_json() -> None:
 # -- versions -----------------------------------------------------------------------------------
 
 
+def test_peek_version_for_error_output() -> None:
+    assert spec.peek_version(b'{"cniVersion": "0.4.0", "name": "x"}') == "0.4.0"
+    for unusable in (b'{"cniVersion": "9.9.9"}', b"[1]", b"{", b"\xff", b"", b'"1.0.0"'):
+        assert spec.peek_version(unusable) == spec.CURRENT_VERSION, unusable
+
+
 def test_supported_versions_and_version_output() -> None:
     assert {"0.3.1", "0.4.0", "1.0.0", "1.1.0"} <= set(spec.SUPPORTED_VERSIONS)
     assert spec.CURRENT_VERSION == "1.1.0"
