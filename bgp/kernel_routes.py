@@ -20,7 +20,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from bgp.routes import ROUTE_PROTO, Route
-from cni.netns import NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, Rtnl
+from cni.netns import NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, Rtnl, messages
 
 MAIN_TABLE = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
@@ -86,7 +86,7 @@ def _dump_once(msg_class: Any, msg_type: int, fields: dict[str, Any]
         sock.send(bytes(request.data))
         while True:
             # a dump message never exceeds 32 KiB, whatever the buffer offered
-            for msg_type_seen, flags, message in _messages(sock.recv(1 << 16)):
+            for msg_type_seen, flags, _seq, message in messages(sock.recv(1 << 16)):
                 interrupted |= bool(flags & NLM_F_DUMP_INTR)
                 if msg_type_seen == NLMSG_DONE:
                     return items, interrupted
@@ -98,16 +98,6 @@ def _dump_once(msg_class: Any, msg_type: int, fields: dict[str, Any]
                 item = msg_class(message)
                 item.decode()
                 items.append(item)
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, msg_type, flags, _seq, _pid = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size:
-            return
-        yield msg_type, flags, data[offset:offset + length]
-        offset += (length + 3) & ~3
 
 
 def link_names() -> dict[int, str]:

@@ -259,7 +259,7 @@ class Rtnl:
         answered: set[int] = set()
         while len(answered) < count:
             data = self._sock.recv(1 << 16)
-            for msg_type, seq, message in _messages(data):
+            for msg_type, _flags, seq, message in messages(data):
                 i = seq - first
                 if not 0 <= i < count:
                     continue  # not ours (nothing else shares this socket, but be strict)
@@ -283,13 +283,14 @@ def _encode(request: _Request, seq: int) -> bytes:
     return bytes(body.data)
 
 
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, the whole message) for each netlink message in one datagram."""
     offset = 0
     while offset + _HEADER.size <= len(data):
-        length, msg_type, _flags, seq, _pid = _HEADER.unpack_from(data, offset)
+        length, msg_type, flags, seq, _pid = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size:
             return
-        yield msg_type, seq, data[offset:offset + length]
+        yield msg_type, flags, seq, data[offset:offset + length]
         offset += (length + 3) & ~3
 
 
