@@ -115,12 +115,25 @@ class RequestLog:
         text = "".join(line + "\n" for line in self.lines)
         if self.file_path and text:
             try:
-                os.makedirs(os.path.dirname(self.file_path) or ".", exist_ok=True)
-                with open(self.file_path, "a", encoding="utf-8") as f:
-                    f.write(text)
+                _append(self.file_path, text.encode("utf-8", "surrogateescape"))
             except OSError as e:
                 text += f"tabby: cannot write the log file {self.file_path}: {e.strerror}\n"
         return text
+
+
+def _append(path: str, data: bytes) -> None:
+    """One O_APPEND write (lines of concurrent requests never interleave); the directory is
+    made only when it is missing (every request writes here, so no makedirs each time)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 # -- the request --------------------------------------------------------------------------------

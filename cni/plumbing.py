@@ -403,7 +403,9 @@ def _pod_sysctl_values(pod: PodInterface) -> list[tuple[str, int]]:
 
 def _single(addr: IPInterface) -> IPInterface:
     """The address as /32 or /128, as Calico narrows block-masked IPAM results."""
-    return ipaddress.ip_interface(f"{addr.ip}/{addr.max_prefixlen}")
+    if addr.network.prefixlen == addr.max_prefixlen:
+        return addr  # ADD passes them narrowed already
+    return ipaddress.ip_interface((addr.ip, addr.max_prefixlen))
 
 
 def _family(addr: IPInterface | ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:

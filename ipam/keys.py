@@ -7,6 +7,7 @@ That encoding is load-bearing: another spelling would strand existing rows.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -27,6 +28,13 @@ def network(cidr: str | Network) -> Network:
     """A CIDR as a network, host bits cleared (Calico masks block CIDRs too)."""
     if isinstance(cidr, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return cidr
+    return _parsed_network(cidr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_network(cidr: str) -> Network:
+    """Parsed once per process: a node asks for the same few block CIDRs on every ADD (the
+    networks are immutable, so sharing them is safe)."""
     return ipaddress.ip_network(cidr, strict=False)
 
 
@@ -64,6 +72,7 @@ def handle_key(handle_id: str) -> str:
     return f"{HANDLE_PREFIX}{handle_id}"
 
 
+@functools.lru_cache(maxsize=4096)
 def _cidr(text: str) -> str | None:
     try:
         return str(ipaddress.ip_network(text.replace("-", "/", 1), strict=False))
