@@ -15,6 +15,8 @@ runs in the node's network namespace (tabby-node starts it as a supervised child
   relay gets every announcement; a peer coming up gets them again (exabgp does not replay API
   routes to a neighbor added by a reload); updates feed the RIB (`bgp.rib`), a session going down
   drops that peer's routes, and either triggers a sync.
+- After programming, the pod MTU the pools' encapsulation leaves goes to the MTU file
+  (`bgp.mtu`, Calico's /var/lib/calico/mtu), where the CNI reads it.
 - IPv4 forwarding is switched on at start (a node routes for its pods).
 - Restart: the kernel keeps the routes of the previous run; for GRACE seconds after start (and
   after exabgp itself restarted) the learned ones are kept (not removed) while the sessions come
@@ -39,6 +41,7 @@ from bgp import announce as announce_mod
 from bgp import messages, rib, status, view
 from bgp.ipip import IpipDevice, ipip_device
 from bgp.model import NodeRecord
+from bgp.mtu import DEFAULT_MTU_FILE, pod_mtu, write_mtu_file
 from datastore.daemon import etcd_config, run_until_stopped, setup_logging
 
 WINDOW = 0.01  # s: coalesce a burst of store changes into one sync
@@ -53,7 +56,7 @@ log = logging.getLogger("tabby.bgp")
 class RoutingAgent:
     def __init__(self, nodename: str, backend: str, ds: Any, run_dir: Path, *,
                  status_path: Path | None = None, grace: float = GRACE,
-                 program_kernel: bool = True) -> None:
+                 program_kernel: bool = True, mtu_file: Path | None = None) -> None:
         from bgp.speaker import Speaker
 
         self.nodename, self.backend, self.ds = nodename, backend, ds
@@ -63,6 +66,8 @@ class RoutingAgent:
         self.grace_until = time.monotonic() + grace
         self.stale: set[str] | None = None  # learned routes of a previous speaker, kept in grace
         self.program_kernel = program_kernel
+        self.mtu_file = mtu_file
+        self.pod_mtu: int | None = None  # last written to mtu_file
         self.view = view.StoreView()
         self.rib = rib.Rib()
         self.speaker = Speaker(run_dir / "exabgp")
@@ -245,11 +250,26 @@ class RoutingAgent:
             self.stale = None
         ipip = ipip_device(local, mtu) if plan.ipip else None
         errors = await asyncio.to_thread(_apply_plan, plan, keep, ipip)
+        self._write_pod_mtu(mtu, inputs)
         self.routes_programmed = len(plan.routes)
         if errors != self.last_errors:
             for error in errors:
                 log.error("route programming: %s", error)
         self.last_errors = errors
+
+    def _write_pod_mtu(self, uplink_mtu: int, inputs: view.Inputs) -> None:
+        """Calico's /var/lib/calico/mtu: what the CNI gives pods when the netconf has no mtu."""
+        if self.mtu_file is None:
+            return
+        value = pod_mtu(uplink_mtu, inputs.pools)
+        try:
+            if write_mtu_file(self.mtu_file, value) or value != self.pod_mtu:
+                log.info("pod MTU %d (uplink %d) written to %s", value, uplink_mtu,
+                         self.mtu_file)
+        except OSError as e:
+            log.error("cannot write the pod MTU to %s: %s", self.mtu_file, e.strerror or e)
+            return
+        self.pod_mtu = value
 
     # -- exabgp's API channel --
 
@@ -397,6 +417,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exabgp's files, the API socket and bgp-status.json")
     p.add_argument("--log-file", default="")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--mtu-file", type=Path, default=DEFAULT_MTU_FILE,
+                   help="where the pod MTU for the CNI plugin is written "
+                        f"(default {DEFAULT_MTU_FILE}); '' for nowhere")
     p.add_argument("--grace", type=float, default=GRACE,
                    help=f"seconds learned routes survive a restart (default {GRACE:g})")
     p.add_argument("--exit-with-parent", action="store_true")
@@ -413,7 +436,8 @@ async def run(opts: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     ds = Datastore(config)
-    agent = RoutingAgent(opts.nodename, opts.backend, ds, opts.run_dir, grace=opts.grace)
+    agent = RoutingAgent(opts.nodename, opts.backend, ds, opts.run_dir, grace=opts.grace,
+                         mtu_file=opts.mtu_file if str(opts.mtu_file) not in ("", ".") else None)
     log.info("routing agent for node %s (backend %s, etcd %s, pid %d)", opts.nodename,
              opts.backend, ",".join(config.endpoints), os.getpid())
     try:

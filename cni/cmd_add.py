@@ -22,6 +22,7 @@ from cni.cmd_del import _drop_pending, _release
 from cni.context import Ctx
 from cni.ipam_plugin import Context as IpamContext
 from cni.ipam_plugin import _assign_requested, allocation_attrs, requested_ips
+from cni.netconf import read_mtu_file
 from cni.spec import CNIError
 from datastore.etcd import KV
 from datastore.kinds import kind_for
@@ -156,9 +157,18 @@ async def _held(ctx: Ctx, prefetched: Prefetched | None) -> list[str]:
 
 
 async def _mtu(ctx: Ctx) -> int:
-    if ctx.conf.mtu:
-        return ctx.conf.mtu
-    return await ctx.svc.pod_mtu(ctx.conf.mtu_overhead, ctx.host_netns)
+    """The netconf's, else the routing agent's file (as Calico's Felix writes it), else the
+    uplink's minus mtu_overhead."""
+    conf = ctx.conf
+    if conf.mtu:
+        return conf.mtu
+    if (from_file := read_mtu_file(conf.mtu_file)) is not None:
+        return from_file
+    if conf.require_mtu_file:
+        raise CNIError(spec.TRY_AGAIN_LATER, f"no MTU in {conf.mtu_file} (require_mtu_file is "
+                       "set)", "tabby-node's routing agent writes it once it has synced; "
+                       "or set mtu in the netconf")
+    return await ctx.svc.pod_mtu(conf.mtu_overhead, ctx.host_netns)
 
 
 def _check_datastore_ready(kv: KV | None) -> None:

@@ -193,6 +193,8 @@ def conflist(opts: argparse.Namespace, tls: dict[str, Path]) -> dict[str, object
         tabby["nodename"] = opts.nodename
     tabby.update({"mtu": opts.mtu, "log_level": opts.log_level,
                   "log_file_path": opts.cni_log_file, "ipam": {"type": "tabby-ipam"}})
+    if opts.mtu_file:
+        tabby["mtu_file"] = opts.mtu_file
     portmap = {"type": "portmap", "snat": True, "capabilities": {"portMappings": True}}
     return {"name": NETWORK_NAME, "cniVersion": CONFLIST_VERSION, "plugins": [tabby, portmap]}
 
@@ -310,7 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"copied into the config dir, mode 0600 (default {option.upper()})")
     p.add_argument("--nodename", help="node name for the conflist (default: the CNI plugin "
                                       "reads /var/lib/calico/nodename, written by tabby-node)")
-    p.add_argument("--mtu", type=int, default=0, help="pod MTU; 0 detects it (default 0)")
+    p.add_argument("--mtu", type=int, default=0,
+                   help="pod MTU; 0 (default): the one tabby-node writes to the MTU file, "
+                        "which leaves room for the encapsulation")
+    p.add_argument("--mtu-file", default="",
+                   help="where tabby-node writes the pod MTU, if not /var/lib/calico/mtu "
+                        "(tabby-node --mtu-file)")
     p.add_argument("--log-level", default="info", help="CNI plugin log level (default info)")
     p.add_argument("--cni-log-file", default=DEFAULT_CNI_LOG, help=f"default {DEFAULT_CNI_LOG}")
     p.add_argument("--python", default=sys.executable,

@@ -12,9 +12,11 @@ Fields read (Calico's names, `cni-plugin/pkg/types/types.go`):
   refused (list the members instead);
 - `nodename`, `nodename_file` (default `/var/lib/calico/nodename`), `nodename_file_optional`,
   `hostname`: the node is the first of nodename, the file's content, hostname, the OS's name;
-- `mtu`: the pod MTU; 0 or absent means "detect": the MTU of the host's default-route interface
-  minus `mtu_overhead` (Tabby's field, default 0: set it to 20 for IPIP, 50 for VXLAN). Calico
-  reads `/var/lib/calico/mtu` (written by Felix) instead; Tabby's Felix does not write it yet;
+- `mtu`: the pod MTU; 0 or absent means: the number in `/var/lib/calico/mtu` (as Calico; the
+  routing agent writes it: the uplink's MTU minus the overhead of the encapsulation the IPPools
+  use), else (`require_mtu_file` false, the default) the MTU of the host's default-route
+  interface minus `mtu_overhead` (Tabby's field, default 0). Tabby's `mtu_file` field names
+  another file (the lab gives each node its own);
 - `ipam`: `{type, ...}`; `tabby-ipam` or `calico-ipam` means Tabby's allocator in-process, its
   fields as tabby-ipam reads them (`assign_ipv4`, `ipv4_pools`, ...); any other type is an IPAM
   plugin exec'd from CNI_PATH with this same netconf (e.g. Debian's `host-local`);
@@ -45,6 +47,7 @@ DEFAULT_PREFIX = "cali"
 MAX_IFNAME = 15
 VETH_HASH_LEN = 11  # cali + 11 hex digits of sha1("<ns>.<pod>")
 MIN_MTU, MAX_MTU = 68, 65535
+DEFAULT_MTU_FILE = "/var/lib/calico/mtu"  # written by the routing agent (bgp.mtu), as Felix does
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,10 @@ class NetConf:
     ipam_conf: PluginConf  # tabby-ipam's reading of it; also nodename/log fields
     datastore_type: str = DATASTORE_ETCD
     nodename_file_optional: bool = False
-    mtu: int = 0  # 0 = detect from the host's uplink
+    mtu: int = 0  # 0 = from mtu_file, else detected from the host's uplink
     mtu_overhead: int = 0
+    mtu_file: str = DEFAULT_MTU_FILE
+    require_mtu_file: bool = False
     allow_ip_forwarding: bool = False
     interface_prefix: str = DEFAULT_PREFIX
     policy_type: str = ""
@@ -118,6 +123,8 @@ def parse_netconf(config: Mapping[str, Any], environ: Mapping[str, str] | None =
         nodename_file_optional=_flag(config, "nodename_file_optional"),
         mtu=_mtu(config),
         mtu_overhead=_int(config, "mtu_overhead", 0, 0, 1000),
+        mtu_file=_text(config, "mtu_file") or DEFAULT_MTU_FILE,
+        require_mtu_file=_flag(config, "require_mtu_file"),
         allow_ip_forwarding=_flag(settings, "allow_ip_forwarding", "container_settings."),
         interface_prefix=interface_prefix(environ or {}),
         policy_type=_text(policy, "type", "policy."),
@@ -167,6 +174,16 @@ def _int(section: Mapping[str, Any], key: str, default: int, low: int, high: int
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _bad(key, f"is {json.dumps(value)}", f"use a whole number from {low} to {high}")
     return value
+
+
+def read_mtu_file(path: str) -> int | None:
+    """The MTU the routing agent wrote; None when there is no usable file."""
+    try:
+        with open(path, "rb") as f:
+            value = int(f.read(32).strip() or b"0")
+    except (OSError, ValueError):
+        return None
+    return value if MIN_MTU <= value <= MAX_MTU else None
 
 
 def _mtu(config: Mapping[str, Any]) -> int:

@@ -37,7 +37,6 @@ BRIDGE = "br0"
 DEFAULT_POOL = "10.244.0.0/16"
 MAX_NODES = 50
 ENCAPS = ("none", "vxlan")
-VXLAN_POD_MTU = 1450  # the underlay's 1500 minus VXLAN's 50
 HEALTH_PORT = 9099
 READY_TIMEOUT = 30.0
 
@@ -199,8 +198,9 @@ def _make_node(lab: Lab, state: State, name: str, k: int) -> None:
                "--net-dir", str(dirs["net.d"]), "--config-dir", str(dirs["etc"]),
                "--etcd-endpoints", endpoint, "--nodename", name,
                "--cni-log-file", str(dirs["log"] / "cni.log")]
-    if state.get("encap") == "vxlan":
-        install += ["--mtu", str(VXLAN_POD_MTU)]
+    # each node its own MTU file (the default /var/lib/calico/mtu is shared by every node
+    # here); tabby-node writes the uplink's MTU minus the encapsulation's overhead into it
+    install += ["--mtu-file", str(d / "mtu")]
     done = subprocess.run(netns.nsenter(ns, install), capture_output=True, text=True,
                           timeout=120)
     if done.returncode != 0:
@@ -208,7 +208,7 @@ def _make_node(lab: Lab, state: State, name: str, k: int) -> None:
                        f"{(done.stderr or done.stdout).strip()[-800:]}")
     # --nodename-file too: the default (/var/lib/calico/nodename) is shared by every node here
     daemon = [*tools.tool("tabby-node", "node.main"), "--nodename", name,
-              "--nodename-file", str(d / "nodename"),
+              "--nodename-file", str(d / "nodename"), "--mtu-file", str(d / "mtu"),
               "--socket", node["socket"], "--etcd-endpoints", endpoint,
               "--log-file", str(dirs["log"] / "tabby-node.log"),
               "--health-port", str(HEALTH_PORT), "--spool-dir", str(dirs["spool"]),
@@ -235,11 +235,13 @@ def _wait_node(state: State, name: str) -> None:
     while time.monotonic() < deadline:
         if not procs.alive(record):
             raise LabError(f"tabby-node on {name} exited; log tail:\n{_tail(record['log'])}")
-        if _socket_answers(node["socket"]):
+        # ready: the CNI answers and the routing agent has synced once (it wrote the pod
+        # MTU, which a pod made before would otherwise not get)
+        if _socket_answers(node["socket"]) and (Path(node["dir"]) / "mtu").exists():
             return
         time.sleep(0.05)
-    raise LabError(f"tabby-node on {name}: no CNI socket {node['socket']} after "
-                   f"{READY_TIMEOUT:g} s; log tail:\n{_tail(record['log'])}")
+    raise LabError(f"tabby-node on {name}: no CNI socket {node['socket']} or pod MTU file "
+                   f"after {READY_TIMEOUT:g} s; log tail:\n{_tail(record['log'])}")
 
 
 def _tail(path: str, lines: int = 20) -> str:

@@ -139,6 +139,10 @@ def test_a_changed_option_rewrites_only_what_changes(tmp_path: Path, tls: dict[s
     key.chmod(0o644)
     assert "updated" in install(tmp_path, *tls_args(tls), "--mtu", "1400").stdout
     assert mode(key) == 0o600
+    # the MTU file tabby-node writes, when it is not Calico's /var/lib/calico/mtu
+    install(tmp_path, *tls_args(tls), "--mtu-file", "/run/tabby-x/mtu")
+    plugin = json.loads(conflist.read_text())["plugins"][0]
+    assert (plugin["mtu"], plugin["mtu_file"]) == (0, "/run/tabby-x/mtu")
 
 
 def test_dropping_tls_removes_the_copies(tmp_path: Path, tls: dict[str, Path]) -> None:

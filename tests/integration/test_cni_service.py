@@ -530,3 +530,15 @@ def test_defaults_agree_with_the_handler() -> None:
 
     assert main.DEFAULT_SPOOL == handler.DEFAULT_SPOOL
     assert handler.DEADLINE < main.REQUEST_TIMEOUT < shim.REPLY_TIMEOUT
+
+
+def test_the_mtu_file_is_the_same_everywhere() -> None:
+    """tabby-node hands its --mtu-file to the routing agent, which writes where the CNI reads."""
+    from bgp import agent, mtu
+    from cni import netconf
+    from node import main
+
+    assert str(main.DEFAULT_MTU_FILE) == str(mtu.DEFAULT_MTU_FILE) == netconf.DEFAULT_MTU_FILE
+    opts = main.parse_args(["--mtu-file", "/run/x/mtu", "--etcd-endpoints", "http://e:2379"])
+    argv = main.routing_argv(opts, "node-a")
+    assert agent.parse_args(argv[3:]).mtu_file == Path("/run/x/mtu")

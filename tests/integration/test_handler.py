@@ -366,7 +366,8 @@ def test_dual_stack_and_detected_mtu(lab: Harness) -> None:
     pool6 = validate({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
                       "metadata": {"name": "pool-6"}, "spec": {"cidr": "fd00:250::/112"}})
     lab.server.etcdctl("put", POOL_PREFIX + "pool-6", json.dumps(pool6))
-    conf = lab.conf(ipam={"type": "calico-ipam", "assign_ipv6": "true"}, mtu_overhead=50)
+    conf = lab.conf(ipam={"type": "calico-ipam", "assign_ipv6": "true"}, mtu_overhead=50,
+                    mtu_file=str(lab.spool.parent / "no-mtu-file"))
     del conf["mtu"]  # detected: the test host has no default route, so 1500 - overhead
     pod = lab.pod()
     result = lab.add(pod, "web-0", "c1", conf)
@@ -382,6 +383,25 @@ def test_dual_stack_and_detected_mtu(lab: Harness) -> None:
     ok(lab.call("CHECK", conf, "c1", pod, pod_args("web-0"), prev=result))
     ok(lab.call("DEL", conf, "c1", pod, pod_args("web-0")))
     assert_clean(lab)
+
+
+def test_mtu_from_the_routing_agents_file(lab: Harness) -> None:
+    """mtu 0: the number tabby-node's routing agent wrote (Calico's /var/lib/calico/mtu);
+    with require_mtu_file and no file, ADD says to try again and leaves nothing behind."""
+    mtu_file = lab.spool.parent / "mtu"
+    mtu_file.write_text("1410\n")
+    conf = lab.conf(mtu_file=str(mtu_file))
+    del conf["mtu"]
+    pod = lab.pod()
+    lab.add(pod, "web-0", "cm1", conf)
+    assert ip_json(pod, "link", "show", "eth0")[0]["mtu"] == 1410
+    ok(lab.call("DEL", conf, "cm1", pod, pod_args("web-0", cid="cm1")))
+    mtu_file.unlink()
+    out = failed(lab.call("ADD", dict(conf, require_mtu_file=True), "cm2", pod,
+                          pod_args("web-0", cid="cm2")), spec.TRY_AGAIN_LATER)
+    assert str(mtu_file) in out["msg"]
+    assert_clean(lab)
+    assert link_names(pod) == {"lo"}
 
 
 def test_chained_with_portmap(lab: Harness) -> None:

@@ -3,12 +3,13 @@ and the WorkloadEndpoint identities and objects cni.wep builds from a request (p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni import spec, wep
-from cni.netconf import NetConf, interface_prefix, parse_netconf
+from cni.netconf import NetConf, interface_prefix, parse_netconf, read_mtu_file
 from cni.spec import CNIError
 from datastore.validation import validate
 
@@ -97,6 +98,18 @@ def test_bad_fields_are_code_7_naming_the_field(fields: dict[str, Any], where: s
 def test_mtu_zero_means_detect_and_overhead_is_kept() -> None:
     c = conf(mtu=0, mtu_overhead=50)
     assert (c.mtu, c.mtu_overhead) == (0, 50)
+    assert (c.mtu_file, c.require_mtu_file) == ("/var/lib/calico/mtu", False)
+    c = conf(mtu_file="/run/x/mtu", require_mtu_file="true")
+    assert (c.mtu_file, c.require_mtu_file) == ("/run/x/mtu", True)
+
+
+def test_read_mtu_file(tmp_path: Path) -> None:
+    f = tmp_path / "mtu"
+    assert read_mtu_file(str(f)) is None  # absent
+    for text, want in (("1450\n", 1450), ("9000", 9000), ("", None), ("abc", None),
+                       ("20", None), ("70000", None)):
+        f.write_text(text)
+        assert read_mtu_file(str(f)) == want, text
 
 
 def test_delegated_ipam_section_is_not_read_as_tabby_ipam() -> None:
