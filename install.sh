@@ -12,6 +12,9 @@ node=0
 if [ "${1:-}" = "--node" ]; then node=1; shift; fi
 
 PACKAGES=(etcd-server etcd-client iptables ipset iproute2 openssl python3-venv containernetworking-plugins bird2)
+# for the tests only (a real container runtime driving the plugin), not on nodes
+TEST_PACKAGES=(podman runc busybox-static)
+if [ "$node" = 0 ]; then PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 
 say() { echo "install.sh: $*"; }
 
