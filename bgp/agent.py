@@ -56,7 +56,8 @@ log = logging.getLogger("tabby.bgp")
 class RoutingAgent:
     def __init__(self, nodename: str, backend: str, ds: Any, run_dir: Path, *,
                  status_path: Path | None = None, grace: float = GRACE,
-                 program_kernel: bool = True, mtu_file: Path | None = None) -> None:
+                 program_kernel: bool = True, mtu_file: Path | None = None,
+                 secrets_namespace: str | None = view.DEFAULT_SECRETS_NAMESPACE) -> None:
         from bgp.speaker import Speaker
 
         self.nodename, self.backend, self.ds = nodename, backend, ds
@@ -68,7 +69,7 @@ class RoutingAgent:
         self.program_kernel = program_kernel
         self.mtu_file = mtu_file
         self.pod_mtu: int | None = None  # last written to mtu_file
-        self.view = view.StoreView()
+        self.view = view.StoreView(secrets_namespace)
         self.rib = rib.Rib()
         self.speaker = Speaker(run_dir / "exabgp")
         self.api: Any = None
@@ -95,7 +96,7 @@ class RoutingAgent:
             self.api = ApiServer(self.run_dir / "bgp-api.sock", self._on_line,
                                  self._on_relay_connect)
             await self.api.start()
-        for prefix in view.PREFIXES:
+        for prefix in self.view.prefixes:
             self._tasks.append(asyncio.create_task(self._watch(prefix), name=f"watch {prefix}"))
         self._tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
         loop = asyncio.get_running_loop()
@@ -154,7 +155,8 @@ class RoutingAgent:
         # reads: skip the sync then, so a CNI ADD never shares the CPU with a no-op
         learned_now = self.rib.learned() if self.backend == "bird" else {}
         key = (inputs.nodes, inputs.pools, inputs.blocks, inputs.bgp_config, inputs.bgp_peers,
-               learned_now, frozenset(self.stale) if self.stale is not None else None,
+               inputs.secrets, learned_now,
+               frozenset(self.stale) if self.stale is not None else None,
                time.monotonic() < self.grace_until)
         if key == self._last_key and not self._dirty and not self.last_errors:
             return
@@ -200,9 +202,10 @@ class RoutingAgent:
         if local.ip is None:
             log.warning("Node %s has no spec.bgp.ipv4Address: BGP waits for it", self.nodename)
             return
-        settings = peers.bgp_settings(inputs.bgp_config)
+        settings = peers.bgp_settings(inputs.bgp_config, inputs.secrets)
         asn = peers.local_as(local, settings)
-        self.peers = peers.peers_for(local, inputs.nodes, settings, inputs.bgp_peers)
+        self.peers = peers.peers_for(local, inputs.nodes, settings, inputs.bgp_peers,
+                                     inputs.secrets)
         speaker = exabgp_conf.Speaker(router_id=str(local.ip), local_address=str(local.ip),
                                       local_as=asn, listen_port=settings.listen_port)
         api_argv = [sys.executable, "-m", "bgp.pipe", str(self.api.path)]
@@ -420,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mtu-file", type=Path, default=DEFAULT_MTU_FILE,
                    help="where the pod MTU for the CNI plugin is written "
                         f"(default {DEFAULT_MTU_FILE}); '' for nowhere")
+    p.add_argument("--secrets-namespace", default=view.DEFAULT_SECRETS_NAMESPACE,
+                   help="the namespace of the Secrets BGP passwords come from, as calico-node's "
+                        f"own (default {view.DEFAULT_SECRETS_NAMESPACE})")
     p.add_argument("--grace", type=float, default=GRACE,
                    help=f"seconds learned routes survive a restart (default {GRACE:g})")
     p.add_argument("--exit-with-parent", action="store_true")
@@ -437,7 +443,8 @@ async def run(opts: argparse.Namespace) -> int:
         return 2
     ds = Datastore(config)
     agent = RoutingAgent(opts.nodename, opts.backend, ds, opts.run_dir, grace=opts.grace,
-                         mtu_file=opts.mtu_file if str(opts.mtu_file) not in ("", ".") else None)
+                         mtu_file=opts.mtu_file if str(opts.mtu_file) not in ("", ".") else None,
+                         secrets_namespace=opts.secrets_namespace or None)
     log.info("routing agent for node %s (backend %s, etcd %s, pid %d)", opts.nodename,
              opts.backend, ",".join(config.endpoints), os.getpid())
     try:

@@ -85,6 +85,7 @@ K8S_KINDS: tuple[Kind, ...] = (
     Kind("Namespace", "v1", "namespaces", False, ("namespace", "ns")),
     Kind("Pod", "v1", "pods", True, ("pod", "po")),
     Kind("ServiceAccount", "v1", "serviceaccounts", True, ("serviceaccount", "sa")),
+    Kind("Secret", "v1", "secrets", True, ("secret",)),
 )
 
 ALL_KINDS: tuple[Kind, ...] = CALICO_KINDS + K8S_KINDS

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 VERSION = "0.1.0"
 DEFAULT_NODENAME_FILE = "/var/lib/calico/nodename"  # where Calico's CNI looks for it
 DEFAULT_MTU_FILE = Path("/var/lib/calico/mtu")  # = bgp.mtu.DEFAULT_MTU_FILE
+DEFAULT_SECRETS_NAMESPACE = "calico-system"  # = bgp.view.DEFAULT_SECRETS_NAMESPACE
 DEFAULT_LOG_FILE = "/var/log/tabby/tabby-node.log"
 DEFAULT_SPOOL = "/var/lib/tabby/pending-del"  # = cni.handler.DEFAULT_SPOOL
 REPLAY_INTERVAL = 30.0
@@ -106,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path,
                    help="the routing agent's files and bgp-status.json (default: the CNI "
                         "socket's directory)")
+    p.add_argument("--secrets-namespace",
+                   default=os.environ.get("NAMESPACE") or DEFAULT_SECRETS_NAMESPACE,
+                   help="where BGP passwords' Secrets are (BGPPeer password.secretKeyRef): the "
+                        "namespace calico-node would run in (default NAMESPACE, else "
+                        f"{DEFAULT_SECRETS_NAMESPACE})")
     p.add_argument("--mtu-file", type=Path, default=DEFAULT_MTU_FILE,
                    help="where the routing agent writes the pod MTU the encapsulation leaves, "
                         f"for the CNI plugin (default {DEFAULT_MTU_FILE}, as Calico's Felix)")
@@ -117,7 +123,8 @@ def routing_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
     argv = [sys.executable, "-m", "bgp.agent", "--nodename", nodename,
             "--backend", opts.networking_backend, "--log-level", opts.log_level,
             "--run-dir", str(opts.run_dir or Path(opts.socket).parent),
-            "--mtu-file", str(opts.mtu_file), "--exit-with-parent"]
+            "--mtu-file", str(opts.mtu_file), "--secrets-namespace", opts.secrets_namespace,
+            "--exit-with-parent"]
     if opts.etcd_endpoints:
         argv += ["--etcd-endpoints", opts.etcd_endpoints]
     elif opts.config:

@@ -86,8 +86,8 @@ def derived_objects(obj: dict[str, Any]) -> list[dict[str, Any]]:
     """The Calico objects Calico's controllers keep for a Kubernetes object.
 
     Namespace -> [kns profile]; ServiceAccount -> [ksa profile]; KNP -> [knp.default policy];
-    Pod -> [] (its endpoint is written by the CNI plugin once the pod has an IP). Calico's own
-    kinds imply nothing.
+    Pod -> [] (its endpoint is written by the CNI plugin once the pod has an IP); Secret -> []
+    (the routing agent reads BGP passwords from it). Calico's own kinds imply nothing.
     """
     if obj.get("apiVersion") == CALICO_API:
         return []
@@ -98,7 +98,7 @@ def derived_objects(obj: dict[str, Any]) -> list[dict[str, Any]]:
         return [serviceaccount_profile(obj)]
     if kind == "NetworkPolicy":
         return [convert_network_policy(obj)]
-    if kind == "Pod":
-        _normalised(obj, "Pod")
+    if kind in ("Pod", "Secret"):
+        _normalised(obj, kind)
         return []
     raise ValidationError([("kind", f"{kind!r} is not a Kubernetes kind Tabby handles")])

@@ -8,7 +8,12 @@ from typing import Any
 
 from datastore.errors import ValidationError
 from datastore.k8s._common import Obj
-from datastore.k8s.validate_core import _validate_namespace, _validate_pod, _validate_serviceaccount
+from datastore.k8s.validate_core import (
+    _validate_namespace,
+    _validate_pod,
+    _validate_secret,
+    _validate_serviceaccount,
+)
 from datastore.k8s.validate_networkpolicy import _validate_network_policy
 
 _VALIDATORS: dict[str, Callable[[Any, str], Obj]] = {
@@ -16,13 +21,15 @@ _VALIDATORS: dict[str, Callable[[Any, str], Obj]] = {
     "Namespace": _validate_namespace,
     "Pod": _validate_pod,
     "ServiceAccount": _validate_serviceaccount,
+    "Secret": _validate_secret,
 }
 
 
 def validate_k8s(obj: dict[str, Any], default_namespace: str = "default") -> dict[str, Any]:
     """Check a Kubernetes object as the API server would and return it defaulted.
 
-    Handles networking.k8s.io/v1 NetworkPolicy and v1 Namespace, Pod and ServiceAccount.
+    Handles networking.k8s.io/v1 NetworkPolicy and v1 Namespace, Pod, ServiceAccount and
+    Secret.
     Namespaced objects without `metadata.namespace` get `default_namespace` (kubectl's `-n`).
     Raises ValidationError listing every problem with its field path.
     """

@@ -1,10 +1,13 @@
-"""Validation and defaulting of the core/v1 kinds: Namespace, ServiceAccount and Pod (with the
-pod status IPs, which the CNI plugin also reads)."""
+"""Validation and defaulting of the core/v1 kinds: Namespace, ServiceAccount, Secret and Pod
+(with the pod status IPs, which the CNI plugin also reads)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +43,52 @@ def _validate_serviceaccount(obj: Any, default_namespace: str) -> Obj:
     w.raise_if_any(_subject("ServiceAccount", meta))
     out = copy.deepcopy(obj)
     out.update(apiVersion=api, kind="ServiceAccount", metadata=meta)
+    return out
+
+
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+MAX_SECRET_BYTES = 1 << 20  # the API server's limit on a Secret's data
+
+
+def _validate_secret(obj: Any, default_namespace: str) -> Obj:
+    """As the API server stores one: `stringData` merged into `data` (base64, stringData wins)
+    and dropped; keys of letters, digits, '-', '_' and '.'; `type` defaults to Opaque.
+    Tabby's routing agent reads BGP passwords from these (BGPPeer `password.secretKeyRef`)."""
+    obj, api = _check_kind(obj, "Secret", (_CORE_API,))
+    w = _Walk()
+    meta = _metadata(w, obj, namespaced=True, default_namespace=default_namespace,
+                     name_rule=_dns_subdomain_problem)
+    secret_type = w.string(obj.get("type"), "type") or "Opaque"
+    data: dict[str, str] = {}
+    size = 0
+    for field in ("data", "stringData"):
+        for key, value in (w.mapping(obj.get(field), field) or {}).items():
+            path = _join(field, str(key))
+            if not isinstance(key, str) or not _SECRET_KEY.fullmatch(key) or key in (".", ".."):
+                w.add(path, "a key must consist of letters, digits, '-', '_' or '.'")
+                continue
+            text = w.string(value, path)
+            if text is None:
+                if value is None:
+                    w.add(path, "must be a string, not null")
+                continue
+            if field == "data":
+                try:
+                    raw = base64.b64decode(text, validate=True)
+                except (binascii.Error, ValueError):
+                    w.add(path, "is not base64 (use stringData for plain text)")
+                    continue
+            else:
+                raw = text.encode()
+            size += len(raw)
+            data[key] = base64.b64encode(raw).decode()
+    if size > MAX_SECRET_BYTES:
+        w.add("data", f"{size} bytes: a Secret holds at most {MAX_SECRET_BYTES}")
+    w.raise_if_any(_subject("Secret", meta))
+    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "stringData"}
+    out.update(apiVersion=api, kind="Secret", metadata=meta, type=secret_type)
+    if data:
+        out["data"] = dict(sorted(data.items()))
     return out
 
 

@@ -233,6 +233,35 @@ def test_bird_learns_every_block_and_its_route_reaches_the_nodes(rr: LabCli) -> 
     server.wait(10)
 
 
+def test_mesh_password_from_a_secret(mesh: LabCli) -> None:
+    """As Calico: BGPConfiguration nodeMeshPassword names a Secret in calico-node's namespace
+    (calico-system); every node's sessions come back up with TCP MD5, and without it again."""
+    state = mesh.state()
+    etcd = (state["etcd"]["ns"], etcd_endpoint(state))
+    password = {"secretKeyRef": {"name": "bgp-secrets", "key": "mesh-password"}}
+    store(*etcd, [{"op": "apply", "objects": [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "bgp-secrets", "namespace": "calico-system"},
+         "stringData": {"mesh-password": "very-secret"}},
+        {"apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration",
+         "metadata": {"name": "default"},
+         "spec": {"nodeToNodeMeshEnabled": True, "nodeMeshPassword": password}}]}])
+
+    def exabgp_conf(node: str) -> str:
+        return (Path(state["nodes"][node]["dir"]) / "run" / "exabgp" / "exabgp.conf").read_text()
+
+    try:
+        for node in ("node1", "node2", "node3"):
+            wait_for(f"{node}'s sessions up with the password", lambda n=node: (
+                exabgp_conf(n).count("md5-password") == 2 and all_peers_up(mesh, n, 2)))
+    finally:
+        store(*etcd, [{"op": "delete", "kind": "BGPConfiguration",
+                       "apiVersion": "projectcalico.org/v3", "name": "default"}])
+    for node in ("node1", "node2", "node3"):
+        wait_for(f"{node}'s sessions up without it", lambda n=node: (
+            "md5-password" not in exabgp_conf(n) and all_peers_up(mesh, n, 2)))
+
+
 def test_agent_restart_reconciles_its_routes_and_keeps_learned_ones(mesh: LabCli) -> None:
     ns = mesh.state()["nodes"]["node3"]["ns"]
     learned = [r for r in routes(mesh, "node3", "proto", "81") if " via " in r]

@@ -3,6 +3,7 @@ Node registration with a BGP address, and the node-status table."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 
@@ -136,3 +137,25 @@ def test_status_table_like_calicoctl() -> None:
     assert "| 198.18.0.3   | global            | start |" in text
     dead = status.render_table({"backend": "bird", "agent_pid": 2 ** 22 + 7, "peers": []})
     assert "not running" in dead and "No IPv4 peers found." in dead
+
+
+def test_store_view_reads_bgp_passwords_from_its_namespaces_secrets() -> None:
+    v = view.StoreView("calico-system")
+    prefix = "/tabby/k8s/secrets/calico-system/"
+    assert v.prefixes[-1] == prefix and len(v.prefixes) == len(view.PREFIXES) + 1
+    for p in view.PREFIXES:
+        v.replace(p, [])
+    assert not v.complete  # the Secrets are not listed yet
+    long = base64.b64encode(b"x" * 81).decode()
+    v.replace(prefix, [
+        (f"{prefix}bgp-secrets", json.dumps({"metadata": {"name": "bgp-secrets"}, "data": {
+            "rr-password": base64.b64encode(b"very-secret").decode(), "long": long}}).encode()),
+        (f"{prefix}broken", json.dumps({"metadata": {"name": "broken"},
+                                         "data": {"k": "!!"}}).encode())])
+    assert v.complete
+    got = v.inputs()
+    assert got.secrets[("bgp-secrets", "rr-password")] == "very-secret"
+    assert ("broken", "k") not in got.secrets
+    assert any("broken" in p for p in got.problems)
+    assert any("longer than 80" in p for p in got.problems)
+    assert view.StoreView().prefixes == view.PREFIXES  # no namespace: no Secrets read

@@ -634,6 +634,19 @@ def test_serviceaccount_defaults_namespace():
     assert paths(serviceaccount("API")) == ["metadata.name"]
 
 
+def test_secret_as_the_api_server_stores_it():
+    out = validate_k8s({"apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": "bgp-secrets", "namespace": "calico-system"},
+                        "data": {"a": "eHl6", "rr-password": "b2xk"},
+                        "stringData": {"rr-password": "very-secret"}})
+    assert out == {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                   "metadata": {"name": "bgp-secrets", "namespace": "calico-system"},
+                   "data": {"a": "eHl6", "rr-password": "dmVyeS1zZWNyZXQ="}}  # stringData wins
+    bad = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+           "data": {"x": "not base64!", "a b": "eHl6", "n": None}, "stringData": {"k": 5}}
+    assert sorted(paths(bad)) == ["data.a b", "data.n", "data.x", "stringData.k"]
+
+
 def test_pod_defaults():
     out = validate_k8s(pod(ns=None, spec={"containers": [{
         "name": "linuxeaapp", "image": "marksugar/nginx:1.14.a",
