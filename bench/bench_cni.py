@@ -1,7 +1,7 @@
 """CNI ADD/DEL latency: Tabby (shim -> tabby-node, Tabby IPAM in etcd) side by side with Debian's
 Go `ptp` + `host-local`, in one run, inside a private "host" network namespace.
 
-    .venv/bin/python bench/bench_cni.py [--pods 30] [--parallel 100/10]
+    .venv/bin/python bench/bench_cni.py [--pods 30] [--rounds 3] [--parallel 100/10]
 
 Everything happens in namespaces this script creates: the script joins a fresh host namespace
 before it starts anything, so etcd, tabby-node and every plugin exec live there, and each pod
@@ -249,13 +249,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             plugin.finish(ns)
             plugin.add.clear()
             plugin.dele.clear()
-        for i in range(args.pods):  # alternate so drift hits both
-            for plugin in (tabby, anchor):
-                plugin.pod_cycle(ns, i)
-            for plugin in (tabby, anchor):
-                plugin.finish(ns)
+        round_ratios = []
+        for _ in range(args.rounds):  # this VM's speed drifts: several rounds, all pooled
+            start = {plugin.label: len(plugin.add) for plugin in (tabby, anchor)}
+            for i in range(args.pods):  # alternate so drift hits both
+                for plugin in (tabby, anchor):
+                    plugin.pod_cycle(ns, i)
+                for plugin in (tabby, anchor):
+                    plugin.finish(ns)
+            medians = [statistics.median(plugin.add[start[plugin.label]:])
+                       for plugin in (tabby, anchor)]
+            round_ratios.append(medians[0] / medians[1])
         count, width = (int(x) for x in args.parallel.split("/"))
         figures = startup_figures(tabby, anchor)
+        figures["round_ratios"] = round_ratios  # type: ignore[assignment]
         figures["daemon_add"] = daemon_add_median(tmp / "tabby-node.log")
         for plugin in (tabby, anchor):
             figures[f"{plugin.label}_add_median"] = statistics.median(plugin.add) * 1000
@@ -282,6 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pods", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --pods pods each, pooled (default 3)")
     parser.add_argument("--parallel", default="100/10", help="COUNT/WIDTH of the parallel run")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -289,14 +298,15 @@ def main() -> None:
     precompile()
     f = run(args)
     count, width = args.parallel.split("/")
-    ratio: Callable[[str], str] = lambda k: f"{f['tabby_' + k] / f['ptp_' + k]:.1f}x"  # noqa: E731
+    ratio: Callable[[str], str] = lambda k: f"{f['tabby_' + k] / f['ptp_' + k]:.2f}x"  # noqa: E731
     lines = [
         BEGIN,
         "### CNI ADD and DEL (whole plugin exec, as a runtime sees it)",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, bytecode cache on), inside a private host "
-        f"namespace; {args.pods} pods, alternating Tabby and the anchor pod by pod. Tabby: the "
+        f"namespace; {args.rounds} rounds of {args.pods} pods, alternating Tabby and the anchor "
+        "pod by pod, medians and p90 over all rounds. Tabby: the "
         "installed `tabby` shim forwarding to a running `tabby-node` (Tabby IPAM in a local "
         "etcd, WorkloadEndpoint written in the same transaction as the address; tabby-node "
         "without felix and the routing agent, whose reactions to Tabby's pods would slow the "
@@ -307,7 +317,8 @@ def main() -> None:
         "| | Tabby median / p90 | ptp+host-local median / p90 | ratio of medians |",
         "|---|---|---|---|",
         f"| ADD | {f['tabby_add_median']:.1f} / {f['tabby_add_p90']:.1f} ms | "
-        f"{f['ptp_add_median']:.1f} / {f['ptp_add_p90']:.1f} ms | {ratio('add_median')} |",
+        f"{f['ptp_add_median']:.1f} / {f['ptp_add_p90']:.1f} ms | {ratio('add_median')} "
+        f"(rounds: {', '.join(f'{r:.2f}x' for r in f['round_ratios'])}) |",
         f"| DEL | {f['tabby_del_median']:.1f} / {f['tabby_del_p90']:.1f} ms | "
         f"{f['ptp_del_median']:.1f} / {f['ptp_del_p90']:.1f} ms | {ratio('del_median')} |",
         f"| {count} ADDs, {width} at a time: wall | {f['tabby_par_wall']:.2f} s | "
