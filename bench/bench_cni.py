@@ -203,6 +203,9 @@ def start_tabby(tmp: Path, env: dict[str, str]) -> tuple[Plugin, list[subprocess
                    capture_output=True)
     socket = tmp / "run" / "cni.sock"
     node = subprocess.Popen([str(VENV_BIN / "tabby-node"), "--nodename", "bench-node",
+                             # its own files: the defaults under /var/lib/calico are the host's
+                             "--nodename-file", str(tmp / "nodename"),
+                             "--mtu-file", str(tmp / "mtu"),
                              "--socket", str(socket), "--etcd-endpoints", server.endpoint,
                              "--log-file", str(tmp / "tabby-node.log"), "--health-port", "0",
                              "--spool-dir", str(tmp / "spool"),
