@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bgp import announce as announce_mod
-from bgp import messages, rib, status, view
+from bgp import messages, reflect, rib, status, view
 from bgp.ipip import IpipDevice, ipip_device
 from bgp.model import NodeRecord
 from bgp.mtu import DEFAULT_MTU_FILE, pod_mtu, write_mtu_file
@@ -76,6 +76,9 @@ class RoutingAgent:
         self.peers: list[Any] = []
         self.peer_state: dict[str, dict[str, Any]] = {}
         self.announced: frozenset[str] = frozenset()
+        self.router_id: str | None = None
+        self.cluster_id: str | None = None  # spec.bgp.routeReflectorClusterID: we reflect
+        self.reflected: reflect.Reflections = {}  # what exabgp was told to send for others
         self.routes_programmed = 0
         self.last_errors: list[str] = []
         self.syncs = 0
@@ -204,6 +207,7 @@ class RoutingAgent:
             return
         settings = peers.bgp_settings(inputs.bgp_config, inputs.secrets)
         asn = peers.local_as(local, settings)
+        self.router_id, self.cluster_id = str(local.ip), local.rr_cluster_id
         self.peers = peers.peers_for(local, inputs.nodes, settings, inputs.bgp_peers,
                                      inputs.secrets)
         speaker = exabgp_conf.Speaker(router_id=str(local.ip), local_address=str(local.ip),
@@ -224,6 +228,7 @@ class RoutingAgent:
                 self.rib.drop_peer(address)
         await self._announce(announce_mod.announcements(self.nodename, inputs.blocks,
                                                         inputs.pools))
+        await self._reflect()
 
     async def _announce(self, want: frozenset[str]) -> None:
         added, removed = sorted(want - self.announced), sorted(self.announced - want)
@@ -274,10 +279,28 @@ class RoutingAgent:
             return
         self.pod_mtu = value
 
+    async def _reflect(self) -> None:
+        """As a route reflector: tell exabgp what to pass on to each peer (bgp.reflect)."""
+        want = reflect.reflections(self.cluster_id, self.peers, self.rib.paths(),
+                                   own=self.announced)
+        announce, withdraw = reflect.changes(self.reflected, want)
+        # a prefix that became our own was re-announced (next-hop self) over the reflected one
+        withdraw = [(peer, prefix) for peer, prefix in withdraw if prefix not in self.announced]
+        lines = [messages.withdraw(prefix, neighbor=peer) for peer, prefix in withdraw]
+        lines += [messages.announce(prefix, path.next_hop, neighbor=peer,
+                                    originator=path.originator, cluster_list=path.cluster_list)
+                  for peer, prefix, path in announce]
+        if lines and not await self.api.send(lines):
+            return  # no exabgp: a new relay starts from nothing (see _on_relay_connect)
+        if lines:
+            log.info("reflecting: %d route(s) sent, %d withdrawn", len(announce), len(withdraw))
+        self.reflected = want
+
     # -- exabgp's API channel --
 
     async def _on_relay_connect(self) -> None:
         self.rib = rib.Rib()  # a new relay means a new exabgp: its sessions start over
+        self.reflected = {}
         self.peer_state = {}
         await self.api.send([messages.announce(p) for p in sorted(self.announced)])
         # what the old speaker learned stays in the kernel while the sessions come back
@@ -301,17 +324,29 @@ class RoutingAgent:
             if msg.up:
                 await self.api.send([messages.announce(p, neighbor=msg.peer)
                                      for p in sorted(self.announced)])
+                await self.api.send([  # and what we reflect to it
+                    messages.announce(prefix, path.next_hop, neighbor=msg.peer,
+                                      originator=path.originator, cluster_list=path.cluster_list)
+                    for prefix, path in sorted(self.reflected.get(msg.peer, {}).items())])
             elif self.rib.drop_peer(msg.peer):
+                await self._reflect()
                 self._wake.set()  # its routes go; the sync writes the status
             if previous != state:
                 self._refresh_status()
         elif isinstance(msg, messages.Update):
-            changed = self.rib.announce(msg.peer, msg.announced)
-            changed = self.rib.withdraw(msg.peer, list(msg.withdrawn)) or changed
+            paths = {prefix: reflect.Path(hop, msg.originator, msg.cluster_list)
+                     for prefix, hop in msg.announced.items()}
+            looped = [p for p, path in paths.items()
+                      if reflect.looped(path, self.router_id or "", self.cluster_id)]
+            for prefix in looped:  # RFC 4456: ours, or through our cluster, already
+                del paths[prefix]
+            changed = self.rib.announce(msg.peer, paths)
+            changed = self.rib.withdraw(msg.peer, [*msg.withdrawn, *looped]) or changed
             if self.stale and msg.withdrawn:  # withdrawn for real: no longer kept in grace
                 self.stale.difference_update(msg.withdrawn)
                 changed = True
             if changed:
+                await self._reflect()
                 self._wake.set()
 
     # -- status --

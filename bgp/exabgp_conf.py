@@ -11,8 +11,9 @@ Facts about exabgp 5.0.15 this relies on (checked against its parser and by runn
   sockets. Passwords are written base64-encoded (``md5-base64 true``) because the config
   tokeniser cannot express every character in a quoted string.
 * exabgp cannot reflect routes (no route-reflector client or cluster-id setting; it never
-  passes routes between peers), so an ``rr_client`` peer becomes a plain iBGP session and the
-  config carries a comment saying so.
+  passes routes between peers), so an ``rr_client`` peer is a plain iBGP session here (the
+  config carries a comment saying so) and the routing agent does the reflecting through the
+  API (``bgp.reflect``: per-neighbor announcements with originator-id and cluster-list).
 * Hold time: exabgp has no keepalive setting; it sends keepalives every hold-time / 3, so a
   BGPPeer keepaliveTime becomes hold-time = 3 x keepalive.
 * ``run`` words: the line is backslash-unescaped before it is split, a quote character
@@ -110,7 +111,7 @@ def _neighbor(speaker: Speaker, peer: Peer) -> list[str]:
         body += [f"md5-password {encoded};", "md5-base64 true;"]
     if peer.rr_client:
         body.append(f"# rr client, cluster id {_word_text(peer.rr_cluster_id or '')}: "
-                    "not rendered, exabgp cannot reflect routes")
+                    "reflected by the routing agent (exabgp cannot reflect)")
     body += [
         "family {", f"{_INDENT}ipv4 unicast;", "}",
         "api {",

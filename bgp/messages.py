@@ -42,6 +42,8 @@ class Update:
     peer: str
     announced: dict[str, str]  # prefix -> next hop
     withdrawn: tuple[str, ...]
+    originator: str | None = None  # ORIGINATOR_ID (a reflected route)
+    cluster_list: tuple[str, ...] = ()  # CLUSTER_LIST (a reflected route)
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,19 @@ def parse_line(line: str) -> PeerState | Update | EndOfRib | None:
         return None
 
 
-def announce(prefix: str, next_hop: str = "self", neighbor: str | None = None) -> str:
-    """`announce route PREFIX next-hop NH`, for one neighbor when given. Raises ValueError
-    for anything that is not an IP prefix / address (so nothing can smuggle in a newline)."""
+def announce(prefix: str, next_hop: str = "self", neighbor: str | None = None,
+             originator: str | None = None, cluster_list: tuple[str, ...] = ()) -> str:
+    """`announce route PREFIX next-hop NH [originator-id O cluster-list [ C ... ]]`, for one
+    neighbor when given. Raises ValueError for anything that is not an IP prefix / address (so
+    nothing can smuggle in a newline)."""
     hop = next_hop if next_hop == "self" else str(ipaddress.ip_address(next_hop))
-    return f"{_prefix(neighbor)}announce route {_network(prefix)} next-hop {hop}"
+    line = f"{_prefix(neighbor)}announce route {_network(prefix)} next-hop {hop}"
+    if originator is not None:
+        line += f" originator-id {ipaddress.IPv4Address(originator)}"
+    if cluster_list:
+        ids = " ".join(str(ipaddress.IPv4Address(c)) for c in cluster_list)
+        line += f" cluster-list [ {ids} ]"
+    return line
 
 
 def withdraw(prefix: str, neighbor: str | None = None) -> str:
@@ -113,7 +123,12 @@ def _message(obj: Any) -> PeerState | Update | EndOfRib | None:
     announced = _announced(update.get("announce") or {})
     if not announced and not withdrawn:
         return None
-    return Update(peer, announced, tuple(p for p in withdrawn if p not in announced))
+    attributes = update.get("attribute") or {}
+    originator = attributes.get("originator-id")
+    clusters = attributes.get("cluster-list") or []
+    return Update(peer, announced, tuple(p for p in withdrawn if p not in announced),
+                  originator if isinstance(originator, str) and _is_address(originator) else None,
+                  tuple(str(c) for c in clusters) if isinstance(clusters, list) else ())
 
 
 def _announced(by_family: dict[str, Any]) -> dict[str, str]:

@@ -12,17 +12,21 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
+from bgp.reflect import Path
+
 
 class Rib:
     def __init__(self) -> None:
-        self._by_peer: dict[str, dict[str, str]] = {}
+        self._by_peer: dict[str, dict[str, Path]] = {}
 
-    def announce(self, peer: str, routes: Mapping[str, str]) -> bool:
+    def announce(self, peer: str, routes: Mapping[str, str | Path]) -> bool:
+        """prefix -> next hop, or -> Path when the route reflector needs its attributes."""
         table = self._by_peer.setdefault(peer, {})
         changed = False
-        for prefix, next_hop in routes.items():
-            if table.get(prefix) != next_hop:
-                table[prefix] = next_hop
+        for prefix, route in routes.items():
+            path = route if isinstance(route, Path) else Path(route)
+            if table.get(prefix) != path:
+                table[prefix] = path
                 changed = True
         return changed
 
@@ -39,11 +43,15 @@ class Rib:
     def learned(self) -> dict[str, str]:
         merged: dict[str, str] = {}
         for table in self._by_peer.values():
-            for prefix, next_hop in table.items():
+            for prefix, path in table.items():
                 have = merged.get(prefix)
-                if have is None or _key(next_hop) < _key(have):
-                    merged[prefix] = next_hop
+                if have is None or _key(path.next_hop) < _key(have):
+                    merged[prefix] = path.next_hop
         return merged
+
+    def paths(self) -> dict[str, dict[str, Path]]:
+        """Every peer's routes with their attributes (what a route reflector passes on)."""
+        return {peer: dict(table) for peer, table in self._by_peer.items()}
 
 
 def _key(address: str) -> tuple[int, int | str]:

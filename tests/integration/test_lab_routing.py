@@ -277,3 +277,48 @@ def test_agent_restart_reconciles_its_routes_and_keeps_learned_ones(mesh: LabCli
     after = routes(mesh, "node3", "proto", "81")
     assert set(learned) <= set(after)  # the other nodes' blocks never went away
     assert len(after) == len(set(after))
+
+
+# ---- a Tabby node as route reflector ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reflector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCli]:
+    yield from up("r", tmp_path_factory, "--nodes", "3")
+
+
+def test_a_node_reflects_routes_between_its_clients(reflector: LabCli) -> None:
+    """Calico's in-cluster route reflector: node1 gets routeReflectorClusterID and a label, the
+    mesh goes off, every node peers with the labelled ones. node2 and node3 then only talk to
+    node1, which passes each one's blocks to the other, next hop kept."""
+    state = reflector.state()
+    etcd = (state["etcd"]["ns"], etcd_endpoint(state))
+    [node1] = [n for n in store(*etcd, [{"op": "list", "kind": "Node"}])[0]
+               if n["metadata"]["name"] == "node1"]
+    node1["metadata"].setdefault("labels", {})["route-reflector"] = "true"
+    node1["spec"]["bgp"]["routeReflectorClusterID"] = "224.0.0.1"
+    node1["metadata"].pop("resourceVersion", None)
+    store(*etcd, [{"op": "apply", "objects": [
+        node1,
+        {"apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration",
+         "metadata": {"name": "default"}, "spec": {"nodeToNodeMeshEnabled": False}},
+        {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer",
+         "metadata": {"name": "peer-with-route-reflectors"},
+         "spec": {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}}]}])
+    wait_for("node1 peering with both clients", lambda: all_peers_up(reflector, "node1", 2))
+    for node in ("node2", "node3"):
+        wait_for(f"{node} peering with node1 only", lambda n=node: all_peers_up(
+            reflector, n, 1) and bgp_status(reflector, n)["peers"][0]["address"] == "198.18.0.11")
+    blocks = {"node2": "10.244.241.0/26", "node3": "10.244.242.0/26"}
+    for node, cidr in blocks.items():
+        block_op(reflector, "claim_block", node, cidr)
+    # each client learns the other's block through node1, with the owner as next hop
+    for node, other, ip in (("node2", "node3", "198.18.0.13"), ("node3", "node2", "198.18.0.12")):
+        wait_for(f"{blocks[other]} on {node}", lambda n=node, c=blocks[other], i=ip: routes(
+            reflector, n, c) == [f"{c} via {i} dev eth0 proto 81"])
+    for node, ip in (("node2", "198.18.0.12"), ("node3", "198.18.0.13")):
+        wait_for(f"{blocks[node]} on node1", lambda c=blocks[node], i=ip: routes(
+            reflector, "node1", c) == [f"{c} via {i} dev eth0 proto 81"])
+    # a withdrawal is reflected too
+    block_op(reflector, "release_block", "node2", blocks["node2"])
+    wait_for("node2's block gone from node3", lambda: routes(reflector, "node3",
+                                                             blocks["node2"]) == [])

@@ -73,7 +73,7 @@ def test_options_are_rendered() -> None:
     # This speaker listens on 1790, so every neighbor says which port it dials.
     assert "connect 179;" in mesh and "connect 1179;" in tor
     assert "peer-as 65000;" in tor
-    assert "# rr client, cluster id 1.0.0.1: not rendered" in rr
+    assert "# rr client, cluster id 1.0.0.1: reflected by the routing agent" in rr
     assert "connect" not in render_config(SPEAKER, [MESH], ARGV)
 
 
