@@ -127,8 +127,8 @@ def _message(obj: Any) -> PeerState | Update | EndOfRib | None:
     originator = attributes.get("originator-id")
     clusters = attributes.get("cluster-list") or []
     return Update(peer, announced, tuple(p for p in withdrawn if p not in announced),
-                  originator if isinstance(originator, str) and _is_address(originator) else None,
-                  tuple(str(c) for c in clusters) if isinstance(clusters, list) else ())
+                  originator if _is_ipv4(originator) else None,
+                  tuple(c for c in clusters if _is_ipv4(c)) if isinstance(clusters, list) else ())
 
 
 def _announced(by_family: dict[str, Any]) -> dict[str, str]:
@@ -171,6 +171,15 @@ def _is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_ipv4(value: Any) -> bool:
+    """ORIGINATOR_ID and cluster IDs are 4-byte IDs, written as dotted quads."""
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return isinstance(value, str)
 
 
 def _is_network(text: str) -> bool:

@@ -86,3 +86,14 @@ def test_exabgp_lines_and_attributes() -> None:
     r.announce("10.0.0.4", {"10.244.4.0/26": "10.0.0.4"})  # plain next hops still work
     assert r.learned() == {"10.244.2.0/26": "10.0.0.2", "10.244.4.0/26": "10.0.0.4"}
     assert r.paths()["10.0.0.1"]["10.244.2.0/26"].cluster_list == (CLUSTER,)
+
+
+def test_attributes_that_are_not_ids_are_ignored() -> None:
+    line = json.dumps({"type": "update", "neighbor": {
+        "address": {"local": "10.0.0.3", "peer": "10.0.0.1"}, "direction": "receive",
+        "message": {"update": {
+            "attribute": {"originator-id": "fd00::1", "cluster-list": ["1.0.0.1", 7, "x"]},
+            "announce": {"ipv4 unicast": {"10.0.0.2": [{"nlri": "10.244.2.0/26"}]}}}}}})
+    msg = messages.parse_line(line)
+    assert isinstance(msg, messages.Update)
+    assert (msg.originator, msg.cluster_list) == (None, ("1.0.0.1",))
