@@ -67,7 +67,10 @@ class ApiServer:
         try:
             await self.on_connect()
             while line := await reader.readline():
-                await self.on_line(line.decode("utf-8", "replace").rstrip("\n"))
+                try:
+                    await self.on_line(line.decode("utf-8", "replace").rstrip("\n"))
+                except Exception:  # one bad message must not end the channel
+                    log.exception("exabgp API: handling %r failed", line[:200])
         except (ConnectionError, OSError) as e:
             log.warning("exabgp API relay: %s", e)
         finally:
