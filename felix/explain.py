@@ -94,9 +94,10 @@ def format_verdict(flow: Flow, verdict: Verdict) -> str:
             step.policy or "",
             f"rule {step.rule}" if step.rule is not None else "") if x)
         lines.append(f"  - {where}: {step.action} ({step.explanation})")
+    lines += [f"  ! {caveat}" for caveat in verdict.caveats]
     return "\n".join(lines)
 
 
 def verdict_json(flow: Flow, verdict: Verdict) -> dict[str, Any]:
     return {"flow": describe_flow(flow), "allowed": verdict.allowed, "reason": verdict.reason,
-            "trace": [asdict(s) for s in verdict.trace]}
+            "trace": [asdict(s) for s in verdict.trace], "caveats": verdict.caveats}

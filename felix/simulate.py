@@ -8,7 +8,8 @@ on, Pass leaves the tier; a tier nobody decided in ends with its defaultAction; 
 decides, the endpoint's profiles do, and when no profile allows, the packet is dropped.
 
 Not modelled: connection tracking (every flow is a first packet), preDNAT/doNotTrack policies
-and forwarded traffic through host endpoints (applyOnForward), DefaultEndpointToHostAction
+and forwarded traffic through host endpoints (applyOnForward): a verdict lists such policies
+selecting a host endpoint of a node on the flow's path as caveats; DefaultEndpointToHostAction
 (workload-to-host traffic is policed by the workload's egress only), services, HTTP matches.
 """
 
@@ -78,6 +79,8 @@ class Verdict:
     allowed: bool
     reason: str
     trace: list[TraceStep] = field(default_factory=list)
+    # what the kernel also checks on this path but the simulation does not model
+    caveats: list[str] = field(default_factory=list)
 
 
 # --- resolving the flow --------------------------------------------------------------------
@@ -319,7 +322,35 @@ def _workload_to_host(direction: Direction, endpoint: Endpoint, src: Endpoint | 
 
 
 def simulate(index: PolicyIndex, flow: Flow) -> Verdict:
-    """The verdict on `flow` and the rules that decided it. Raises ValueError on a bad flow."""
+    """The verdict on `flow` and the rules that decided it, with caveats naming the host
+    policies on its path it does not model. Raises ValueError on a bad flow."""
+    verdict = _simulate(index, flow)
+    src, dst = _side(index, flow.src) if flow.src is not None else None, _side(index, flow.dst)
+    nodes = {side.endpoint.node for side in (src, dst) if side and side.endpoint}
+    verdict.caveats.extend(unmodelled_host_policy(index, nodes))
+    return verdict
+
+
+def unmodelled_host_policy(index: PolicyIndex, nodes: set[str]) -> list[str]:
+    """preDNAT, doNotTrack and applyOnForward policy selecting a host endpoint of one of
+    `nodes`: the kernel runs them on traffic through that node's host interfaces (raw and
+    mangle tables, forwarded traffic), which the simulation leaves out, so its verdict may not
+    be the kernel's there."""
+    notes = []
+    for endpoint in index.endpoints:
+        if not endpoint.is_host or endpoint.node not in nodes:
+            continue
+        for policy in index.policies:
+            kinds = [k for k, on in (("doNotTrack", policy.do_not_track),
+                                     ("preDNAT", policy.pre_dnat),
+                                     ("applyOnForward", policy.apply_on_forward)) if on]
+            if kinds and not policy.staged and policy.selector.matches(endpoint.labels):
+                notes.append(f"not simulated: {'/'.join(kinds)} policy {policy.id} applies to "
+                             f"{endpoint.display} on node {endpoint.node}")
+    return notes
+
+
+def _simulate(index: PolicyIndex, flow: Flow) -> Verdict:
     dst = _side(index, flow.dst)
     if flow.from_host:
         return _from_host(dst.endpoint)

@@ -528,6 +528,25 @@ def test_host_endpoint_policy() -> None:
     assert not allowed(idx, "198.51.100.1", "node1-eth0", port=81)
 
 
+def test_host_policy_the_simulation_does_not_model_is_named() -> None:
+    """preDNAT / doNotTrack / applyOnForward policy on a host endpoint of a node on the path
+    runs in the kernel but not here: the verdict says so instead of staying silent."""
+    untracked = gnp("untracked-deny", selector="role == 'node'", doNotTrack=True,
+                    applyOnForward=True, ingress=[{"action": "Deny"}])
+    nat = gnp("prednat", selector="role == 'node'", preDNAT=True, applyOnForward=True,
+              ingress=[{"action": "Allow"}])
+    idx = cluster(hep("node1-eth0", "node1", ["192.168.0.1"], {"role": "node"}), untracked, nat)
+    v = check(idx, "198.51.100.1", B)  # to a pod on node1, past node1's host endpoint
+    assert v.allowed  # the filter-table model alone
+    assert v.caveats == [
+        "not simulated: doNotTrack/applyOnForward policy untracked-deny applies to host "
+        "endpoint node1-eth0 on node node1",
+        "not simulated: preDNAT/applyOnForward policy prednat applies to host endpoint "
+        "node1-eth0 on node node1"]
+    assert check(idx, "198.51.100.1", C).caveats == []  # node2 has no host endpoint
+    assert check(cluster(), A, B).caveats == []
+
+
 def test_pod_to_host_is_policed_by_pod_egress_only() -> None:
     idx = cluster(hep("node2-eth0", "node2", ["192.168.0.2"]))
     v = check(idx, A, "192.168.0.2", port=10250)
