@@ -42,7 +42,7 @@ from bgp import messages, reflect, rib, status, view
 from bgp.ipip import IpipDevice, ipip_device
 from bgp.model import NodeRecord
 from bgp.mtu import DEFAULT_MTU_FILE, pod_mtu, write_mtu_file
-from datastore.daemon import etcd_config, run_until_stopped, setup_logging
+from datastore.daemon import daemon_main, etcd_config, run_until_stopped
 
 WINDOW = 0.01  # s: coalesce a burst of store changes into one sync
 GRACE = 20.0  # s after start during which learned kernel routes are kept, not removed
@@ -492,12 +492,7 @@ async def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = parse_args(argv)
-    try:
-        setup_logging(opts.log_file, opts.log_level, NOISY_LOGGERS)
-    except OSError as e:
-        sys.exit(f"routing agent: cannot open the log file {opts.log_file}: {e.strerror or e}")
-    sys.exit(asyncio.run(run(opts)))
+    daemon_main("routing agent", parse_args(argv), run, NOISY_LOGGERS)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import logging.handlers
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,17 @@ def setup_logging(log_file: str, level: str, noisy: Iterable[str] = ()) -> None:
     root.setLevel(level.upper())
     for name in noisy:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def daemon_main(name: str, opts: Any, run: Callable[[Any], Coroutine[Any, Any, int]],
+                noisy: Iterable[str] = ()) -> None:
+    """A daemon's `main`: logging set up from `opts.log_file`/`opts.log_level` (exit with a
+    message when the file cannot be opened), then `run(opts)`'s code as the exit status."""
+    try:
+        setup_logging(opts.log_file, opts.log_level, noisy)
+    except OSError as e:
+        sys.exit(f"{name}: cannot open the log file {opts.log_file}: {e.strerror or e}")
+    sys.exit(asyncio.run(run(opts)))
 
 
 def etcd_config(endpoints: str | None, config_path: str | None) -> EtcdConfig:

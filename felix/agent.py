@@ -24,12 +24,11 @@ import contextvars
 import logging
 import logging.handlers
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from datastore.daemon import etcd_config, run_until_stopped, setup_logging
+from datastore.daemon import daemon_main, etcd_config, run_until_stopped
 from datastore.etcd import Event, Resync
 from datastore.snapshot import Resource, Snapshot
 from felix.agent_config import merged_felix_spec, render_config
@@ -349,12 +348,7 @@ async def run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = parse_args(argv)
-    try:
-        setup_logging(opts.log_file, opts.log_level, NOISY_LOGGERS)
-    except OSError as e:
-        sys.exit(f"felix: cannot open the log file {opts.log_file}: {e.strerror or e}")
-    sys.exit(asyncio.run(run(opts)))
+    daemon_main("felix", parse_args(argv), run, NOISY_LOGGERS)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ selecting a host endpoint of a node on the flow's path as caveats; DefaultEndpoi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -324,9 +325,10 @@ def _workload_to_host(direction: Direction, endpoint: Endpoint, src: Endpoint | 
 def simulate(index: PolicyIndex, flow: Flow) -> Verdict:
     """The verdict on `flow` and the rules that decided it, with caveats naming the host
     policies on its path it does not model. Raises ValueError on a bad flow."""
-    verdict = _simulate(index, flow)
-    src, dst = _side(index, flow.src) if flow.src is not None else None, _side(index, flow.dst)
-    nodes = {side.endpoint.node for side in (src, dst) if side and side.endpoint}
+    dst = _side(index, flow.dst)
+    src = _side(index, flow.src) if not flow.from_host else _Side(None, None)
+    verdict = _simulate(index, flow, src, dst)
+    nodes = {side.endpoint.node for side in (src, dst) if side.endpoint}
     verdict.caveats.extend(unmodelled_host_policy(index, nodes))
     return verdict
 
@@ -336,25 +338,36 @@ def unmodelled_host_policy(index: PolicyIndex, nodes: set[str]) -> list[str]:
     `nodes`: the kernel runs them on traffic through that node's host interfaces (raw and
     mangle tables, forwarded traffic), which the simulation leaves out, so its verdict may not
     be the kernel's there."""
-    notes = []
+    by_node = _HOST_NOTES.get(index)
+    if by_node is None:  # once per index: a scenario asks for every pair of its pods
+        by_node = _HOST_NOTES[index] = _host_notes(index)
+    return [note for node in sorted(nodes) for note in by_node.get(node, ())]
+
+
+_HOST_NOTES: weakref.WeakKeyDictionary[PolicyIndex, dict[str, list[str]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _host_notes(index: PolicyIndex) -> dict[str, list[str]]:
+    flagged = [(p, [k for k, on in (("doNotTrack", p.do_not_track), ("preDNAT", p.pre_dnat),
+                                    ("applyOnForward", p.apply_on_forward)) if on])
+               for p in index.policies if not p.staged]
+    flagged = [(p, kinds) for p, kinds in flagged if kinds]
+    out: dict[str, list[str]] = {}
     for endpoint in index.endpoints:
-        if not endpoint.is_host or endpoint.node not in nodes:
+        if not endpoint.is_host:
             continue
-        for policy in index.policies:
-            kinds = [k for k, on in (("doNotTrack", policy.do_not_track),
-                                     ("preDNAT", policy.pre_dnat),
-                                     ("applyOnForward", policy.apply_on_forward)) if on]
-            if kinds and not policy.staged and policy.selector.matches(endpoint.labels):
-                notes.append(f"not simulated: {'/'.join(kinds)} policy {policy.id} applies to "
-                             f"{endpoint.display} on node {endpoint.node}")
-    return notes
+        for policy, kinds in flagged:
+            if policy.selector.matches(endpoint.labels):
+                out.setdefault(endpoint.node, []).append(
+                    f"not simulated: {'/'.join(kinds)} policy {policy.id} applies to "
+                    f"{endpoint.display} on node {endpoint.node}")
+    return out
 
 
-def _simulate(index: PolicyIndex, flow: Flow) -> Verdict:
-    dst = _side(index, flow.dst)
+def _simulate(index: PolicyIndex, flow: Flow, src: _Side, dst: _Side) -> Verdict:
     if flow.from_host:
         return _from_host(dst.endpoint)
-    src = _side(index, flow.src)
     shortcut = _shortcut(src, dst)
     if shortcut is not None:
         return shortcut

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cni import spec
+from cni import shim, spec
 
 if TYPE_CHECKING:
     from cni.handler import Services
@@ -225,7 +225,7 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
     return b"".join(chunks)
 
 
-MAGIC = b"TABBY-CNI 2"  # cni.shim's frames; a frame starting with "{" is the first shims' JSON
+MAGIC = shim.MAGIC  # the shim's frames; a frame starting with "{" is the first shims' JSON
 
 
 def is_legacy(data: bytes) -> bool:
@@ -337,7 +337,7 @@ def _remove_stale(path: Path) -> None:
 async def probe(path: str | Path, timeout: float = 2.0) -> dict[str, Any]:
     """Ask the service for VERSION, as the shim would; the decoded reply (raises on failure)."""
     stdin = json.dumps({"cniVersion": spec.CURRENT_VERSION}).encode()
-    request = MAGIC + b"\nCNI_COMMAND=" + spec.VERSION.encode() + b"\0\0" + stdin
+    request = shim.encode_request({b"CNI_COMMAND": spec.VERSION.encode()}, stdin)
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_unix_connection(str(path))
         try:
@@ -355,12 +355,7 @@ async def probe(path: str | Path, timeout: float = 2.0) -> dict[str, Any]:
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
-    """{"exit_code", "stdout", "stderr"} of a reply frame (as the shim reads it)."""
-    head, _, rest = data.partition(b"\n")
-    fields = head.split(b" ")
-    if len(fields) != 4 or b" ".join(fields[:2]) != MAGIC:
-        raise ValueError(f"not a reply frame: {data[:200]!r}")
-    length = int(fields[3])
-    return {"exit_code": int(fields[2]),
-            "stdout": rest[:length].decode("utf-8", "surrogateescape"),
-            "stderr": rest[length:].decode("utf-8", "surrogateescape")}
+    """{"exit_code", "stdout", "stderr"} of a reply frame, read as the shim reads it."""
+    code, out, err = shim.decode_reply(data)
+    return {"exit_code": code, "stdout": out.decode("utf-8", "surrogateescape"),
+            "stderr": err.decode("utf-8", "surrogateescape")}

@@ -125,13 +125,7 @@ def routing_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
             "--run-dir", str(opts.run_dir or Path(opts.socket).parent),
             "--mtu-file", str(opts.mtu_file), "--secrets-namespace", opts.secrets_namespace,
             "--exit-with-parent"]
-    if opts.etcd_endpoints:
-        argv += ["--etcd-endpoints", opts.etcd_endpoints]
-    elif opts.config:
-        argv += ["--config", opts.config]
-    if opts.log_file:
-        argv += ["--log-file", str(Path(opts.log_file).with_name("routing.log"))]
-    return argv
+    return argv + _child_common(opts, "routing.log")
 
 
 def bgp_address(opts: argparse.Namespace, log: logging.Logger) -> str | None:
@@ -157,12 +151,19 @@ def felix_argv(opts: argparse.Namespace, nodename: str) -> list[str]:
     argv = [sys.executable, "-m", "felix.agent", "--nodename", nodename,
             "--log-level", opts.log_level, "--metrics-port", str(opts.felix_metrics_port),
             "--exit-with-parent"]
+    return argv + _child_common(opts, "felix.log")
+
+
+def _child_common(opts: argparse.Namespace, log_name: str) -> list[str]:
+    """What every supervised child gets: tabby-node's etcd settings and a log file beside its
+    own."""
+    argv = []
     if opts.etcd_endpoints:
         argv += ["--etcd-endpoints", opts.etcd_endpoints]
     elif opts.config:
         argv += ["--config", opts.config]
     if opts.log_file:
-        argv += ["--log-file", str(Path(opts.log_file).with_name("felix.log"))]
+        argv += ["--log-file", str(Path(opts.log_file).with_name(log_name))]
     return argv
 
 
