@@ -20,7 +20,6 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.netlink.rtnl import (
@@ -38,7 +37,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-from bgp.kernel_routes import ANY_ERRNO, BATCH, REPLACE, dump
+from bgp.kernel_routes import ANY_ERRNO, BATCH, REPLACE, RouteStats, dump
 from bgp.routes import VXLAN_DEVICE, VXLAN_OVERHEAD, Vtep, VxlanDevice
 from cni.netns import NLM_F_CREATE, NLM_F_EXCL, RequestFailed, Rtnl, link_index
 from datastore.errors import TabbyError
@@ -55,15 +54,9 @@ class VxlanError(TabbyError):
     """The device could not be made as asked; str() says what and why."""
 
 
-@dataclass
-class VtepStats:
-    """Counts kernel entries: a VTEP is two (its neighbour entry and its FDB entry)."""
-
-    added: int = 0
-    replaced: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    errors: list[str] = field(default_factory=list)
+# the route reconciler's counters; here they count kernel entries: a VTEP is two (its
+# neighbour entry and its FDB entry)
+VtepStats = RouteStats
 
 
 def _msg(cls: Any, attrs: list[tuple[str, Any]], **fields: Any) -> Any:
