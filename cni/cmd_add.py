@@ -51,7 +51,7 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
     _drop_pending(ctx)  # this attachment is live again: an old pending DEL must not undo it
     mac = _requested_mac(req, None) or random_mac()
     reading = asyncio.ensure_future(_read_for_add(ctx))
-    prepared: plumbing.PreparedVeth | None = None
+    veth: _Veth | None = None
     allocation: _Allocation | None = None
     try:
         pod_if = await _pod_interface(ctx, mac)
@@ -59,22 +59,61 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
         # the plumbing runs right on this thread: a netlink request is a syscall the kernel
         # answers at once, and handing it to a worker thread costs more in wake-ups than it
         # takes (each phase is under a millisecond; see cni.plumbing)
-        prepared = plumbing.prepare(pod_if, ctx.host_netns)
+        veth = _Veth(ctx, pod_if, plumbing.prepare(pod_if, ctx.host_netns))
         reads = await reading
-        allocation, mac, endpoint = await _allocate_for(ctx, reads, mac)
+        allocation, mac, endpoint = await _allocate_for(ctx, reads, mac, veth)
         if endpoint is not None:  # a delegated IPAM plugin or requested addresses
             await wep.write(ctx.svc.store, endpoint, reads.get(w.key))
             allocation.endpoint_written = True
-        plumbed = prepared.finish(allocation.addresses, mac)  # removes the pair if it fails
+        plumbed = await veth.finished(allocation.addresses, mac)
     except BaseException:
-        await _abandon(ctx, reading, prepared)
+        await _abandon(ctx, reading, veth.prepared if veth else None)
         if allocation is not None:
             await _rollback(ctx, allocation, endpoint_written=allocation.endpoint_written)
         raise
+    veth.prepared.close()
     ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
                  w.host_ifname, req.netns, req.ifname, ", ".join(map(str, allocation.addresses)),
                  plumbed.mtu, w.namespace, w.name)
     return _result(ctx, allocation, plumbed)
+
+
+class _Veth:
+    """The pod's veth through ADD: made while etcd is read, finished with the addresses while
+    etcd commits them (the allocator's `while_last_commits`; Calico too plumbs before the
+    endpoint is written), else after the allocation."""
+
+    def __init__(self, ctx: Ctx, pod_if: plumbing.PodInterface,
+                 prepared: plumbing.PreparedVeth) -> None:
+        self.ctx, self.pod_if, self.prepared = ctx, pod_if, prepared
+        self.mac = pod_if.mac  # the MAC to finish with (the Pod's, once it has been read)
+        self.early: list[Any] | None = None  # the addresses finish() ran with meanwhile
+        self.plumbed: plumbing.Plumbed | None = None
+        self.error: Exception | None = None
+
+    def while_committing(self, taken: list[Any]) -> None:
+        """The allocator's hook (must not raise): finish with the addresses in flight."""
+        if self.early is not None:
+            return  # a refused transaction retried with other addresses: finished() redoes it
+        self.early = [ipaddress.ip_interface((a.ip, a.max_prefixlen)) for a in taken]
+        try:
+            self.plumbed = self.prepared.finish(self.early, self.mac)
+        except Exception as e:  # finish() removed the pair; raised by finished()
+            self.error = e
+
+    async def finished(self, addresses: list[Any], mac: str | None) -> plumbing.Plumbed:
+        """The veth plumbed with the addresses the store holds (removed if that fails)."""
+        if self.error is not None:
+            raise self.error
+        if self.plumbed is not None and self.early == addresses and self.mac == mac:
+            return self.plumbed
+        if self.early is not None:  # finished with addresses the store then refused
+            self.ctx.log.info("the store refused %s after the veth had them; plumbing %s",
+                              ", ".join(map(str, self.early)), ", ".join(map(str, addresses)))
+            # deleting a veth waits for the kernel (~30 ms): not on the loop's thread
+            await asyncio.to_thread(self.prepared.abandon)
+            self.prepared = plumbing.prepare(self.pod_if, self.ctx.host_netns)
+        return self.prepared.finish(addresses, mac)  # removes the pair if it fails
 
 
 async def _pod_interface(ctx: Ctx, mac: str) -> plumbing.PodInterface:
@@ -101,7 +140,7 @@ async def _abandon(ctx: Ctx, reading: asyncio.Future[ReadResult],
         ctx.log.error("could not remove the veth after the failure: %s", e)
 
 
-async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str
+async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth
                         ) -> tuple[_Allocation, str, dict[str, Any] | None]:
     """The addresses, the pod MAC (the Pod's hwAddr annotation, known only now, wins over the
     one the veth was made with) and the WorkloadEndpoint still to write (None when Tabby's IPAM
@@ -116,7 +155,7 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
-    mac = _requested_mac(req, pod) or mac
+    mac = veth.mac = _requested_mac(req, pod) or mac
 
     def endpoint_ops(addresses: list[Any]) -> list[Any]:
         """The WorkloadEndpoint, committed in the allocation's own transaction."""
@@ -124,7 +163,7 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str
         return [wep.put_op(wep.build(w, pod, single, mac), reads.get(w.key))[0]]
 
     allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key),
-                                 endpoint_ops)
+                                 endpoint_ops, veth.while_committing)
     if allocation.endpoint_written:
         return allocation, mac, None
     return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
@@ -214,7 +253,8 @@ def _requested_mac(req: spec.Request, pod: dict[str, Any] | None) -> str | None:
 async def _allocate(ctx: Ctx, held: list[str], pod: dict[str, Any] | None,
                     ns_obj: dict[str, Any] | None, prefetched: Prefetched | None,
                     endpoint_kv: KV | None,
-                    endpoint_ops: Callable[[list[Any]], list[Any]] | None = None
+                    endpoint_ops: Callable[[list[Any]], list[Any]] | None = None,
+                    while_committing: Callable[[list[Any]], None] | None = None
                     ) -> _Allocation:
     req, conf = ctx.req, ctx.conf
     if conf.in_process_ipam:
@@ -222,7 +262,8 @@ async def _allocate(ctx: Ctx, held: list[str], pod: dict[str, Any] | None,
             ctx.log.info("handle %s already holds %s (repeated ADD); keeping it", ctx.handle,
                          ", ".join(held))
             return _allocation({"ips": [{"address": a} for a in held]}, new=False)
-        addresses, with_endpoint = await _assign(ctx, pod, ns_obj, prefetched, endpoint_ops)
+        addresses, with_endpoint = await _assign(ctx, pod, ns_obj, prefetched, endpoint_ops,
+                                                 while_committing)
         ctx.log.info("assigned %s to handle %s", ", ".join(addresses), ctx.handle)
         done = _allocation({"ips": [{"address": a} for a in addresses]}, new=True)
         done.endpoint_written = with_endpoint
@@ -250,7 +291,8 @@ def _allocation(result: dict[str, Any], new: bool) -> _Allocation:
 
 async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] | None,
                   prefetched: Prefetched | None,
-                  endpoint_ops: Callable[[list[Any]], list[Any]] | None = None
+                  endpoint_ops: Callable[[list[Any]], list[Any]] | None = None,
+                  while_committing: Callable[[list[Any]], None] | None = None
                   ) -> tuple[list[str], bool]:
     """tabby-ipam's ADD without its host lock (the daemon serves many requests in parallel;
     every write is a compare-and-swap anyway). The addresses, and whether `endpoint_ops` went
@@ -275,7 +317,8 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
     got = await ctx.svc.ipam.auto_assign(AssignRequest(
         handle_id=ctx.handle, hostname=ctx.node, num_v4=int(conf.assign_ipv4),
         num_v6=int(conf.assign_ipv6), attrs=attrs, ipv4_pools=v4_pools, ipv6_pools=v6_pools,
-        namespace=_ipam_namespace(ctx), with_last=endpoint_ops), prefetched=prefetched)
+        namespace=_ipam_namespace(ctx), with_last=endpoint_ops,
+        while_last_commits=while_committing), prefetched=prefetched)
     return [str(a) for a in [*got.ipv4, *got.ipv6]], got.with_last_committed
 
 

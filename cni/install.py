@@ -171,7 +171,8 @@ def shim_files(bin_dir: Path, interpreter: str, venv_python: str) -> list[Wanted
     launcher = (_shebang(interpreter, "-IS")
                 + '"""tabby: Tabby\'s CNI plugin, installed by cni-install (cni/shim.py)."""\n'
                 + f"import sys\n\nsys.path.insert(0, {str(module.parent)!r})\n"
-                + f"from {SHIM_MODULE} import main  # noqa: E402\n\nsys.exit(main())\n")
+                + f"from {SHIM_MODULE} import exit_now, main  # noqa: E402\n\n"
+                + "exit_now(main())\n")
     return [Wanted(module, source), Wanted(module.parent / "__pycache__" / pyc_name, pyc),
             Wanted(bin_dir / "tabby", launcher.encode(), 0o755)]
 

@@ -138,7 +138,10 @@ def setup(pod: PodInterface, host_netns: str | None = None) -> Plumbed:
 
     Idempotent: a leftover veth of the same name (host side or pod side) and stale routes are
     replaced. On failure nothing is left behind."""
-    return prepare(pod, host_netns).finish(pod.addresses)
+    prepared = prepare(pod, host_netns)
+    plumbed = prepared.finish(pod.addresses)
+    prepared.close()
+    return plumbed
 
 
 def prepare(pod: PodInterface, host_netns: str | None = None) -> PreparedVeth:
@@ -164,7 +167,8 @@ def prepare(pod: PodInterface, host_netns: str | None = None) -> PreparedVeth:
 class PreparedVeth:
     """A veth pair made by prepare(): the host end in the host namespace, the peer in the
     pod's, no address, down. Holds both namespaces' fds and a netlink socket in each (a socket
-    keeps its namespace, so phase two needs no new one) until finish() or abandon()."""
+    keeps its namespace, so phase two needs no new one) until close() or abandon(); abandon()
+    removes the pair also after finish(), as long as close() has not kept it."""
 
     def __init__(self, pod: PodInterface, mac: str, pod_fd: int, host_fd: int | None,
                  host_nl: Rtnl, host_index: int, pod_nl: Rtnl, pod_index: int) -> None:
@@ -173,13 +177,14 @@ class PreparedVeth:
         self._host_nl, self._host_index = host_nl, host_index
         self._pod_nl, self._pod_index = pod_nl, pod_index
         self._open = True
+        self._finished = False
 
     def finish(self, addresses: tuple[IPInterface, ...] | list[IPInterface],
                mac: str | None = None) -> Plumbed:
         """Phase two: sysctls, addresses, links up, routes and neighbours. `mac` replaces the
         pod MAC chosen in phase one (one the Pod's annotation asks for, known only after the
         Pod was read). On failure the pair is removed."""
-        if not self._open:
+        if self._finished or not self._open:
             raise PlumbingError(f"{self.pod.host_ifname}: this veth was already finished")
         if mac is not None and not _MAC_RE.fullmatch(mac):
             self.abandon()
@@ -193,7 +198,7 @@ class PreparedVeth:
         except BaseException:
             self.abandon()
             raise
-        self.close()
+        self._finished = True
         assert pod.mac is not None
         return Plumbed(pod.host_ifname, HOST_MAC, pod.container_ifname, pod.mac, pod.mtu,
                        pod.netns)
@@ -205,6 +210,7 @@ class PreparedVeth:
             self.close()
 
     def close(self) -> None:
+        """Keep the pair as it is and release the sockets and namespace fds."""
         if not self._open:
             return
         self._open = False

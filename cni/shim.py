@@ -237,5 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's finalization (module teardown, GC): ~1.7 ms of every
+    exec on a small VM, for a process whose output is already written and flushed."""
+    posix._exit(code & 0xFF)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

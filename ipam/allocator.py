@@ -21,8 +21,9 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from datastore.etcd import Create, Datastore, Delete, Op, Update
 from datastore.reads import ReadBatch, ReadResult
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 USES = (WORKLOAD, TUNNEL, LOAD_BALANCER)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class AssignRequest:
     # it took (the CNI writes the WorkloadEndpoint this way: one transaction, not two)
     with_last: Callable[[list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]],
                         Sequence[Op]] | None = None
+    # called, with every address, once that transaction is on its way and before its answer
+    # (the CNI plumbs the pod meanwhile); again if a refused one is retried with others
+    while_last_commits: Callable[[list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]],
+                                 None] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class _Job:
     total: int = 0  # addresses the request wants in all (for `with_last`)
     with_last: Callable[[list[Interface]], Sequence[Op]] | None = None
     with_last_committed: bool = False
+    while_last_commits: Callable[[list[Interface]], None] | None = None
 
 
 class _Unread:
@@ -172,7 +179,8 @@ class IPAM:
                                            req.namespace)
         job = _Job(req.hostname, handle_id, dict(req.attrs), prefetched.handle,
                    prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks),
-                   total=req.num_v4 + req.num_v6, with_last=req.with_last)
+                   total=req.num_v4 + req.num_v6, with_last=req.with_last,
+                   while_last_commits=req.while_last_commits)
         try:
             v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools, req.intended_use)
             v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools, req.intended_use)
@@ -324,7 +332,12 @@ class IPAM:
         if last:
             assert job.with_last is not None
             ops += job.with_last([*job.taken, *new])
-        done = await self._store.commit([op for op in ops if op is not None])
+        ops = [op for op in ops if op is not None]
+        if last and job.while_last_commits is not None:
+            done = await _commit_meanwhile(self._store.commit(ops), job.while_last_commits,
+                                           [*job.taken, *new])
+        else:
+            done = await self._store.commit(ops)
         if not isinstance(done, int):
             return False
         job.handle = (handle, done)
@@ -504,6 +517,23 @@ class IPAM:
                   else Update(keys.CONFIG_KEY, value, revision))
             if isinstance(await self._store.commit([op]), int):
                 return
+
+
+async def _commit_meanwhile(commit: Awaitable[T], meanwhile: Callable[[list[Interface]], None],
+                            addresses: list[Interface]) -> T:
+    """Send `commit`, run `meanwhile(addresses)` while etcd works on it, then its answer.
+
+    Two turns of the loop put the request on the wire first: one runs the commit up to its
+    gRPC call, the next runs the task grpc.aio starts every call in, which sends it."""
+    pending = asyncio.ensure_future(commit)
+    try:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        meanwhile(addresses)
+        return await pending
+    except BaseException:
+        pending.cancel()  # its outcome is unknown either way; the caller gives back
+        raise
 
 
 def _check(req: AssignRequest) -> None:

@@ -472,6 +472,41 @@ def test_prefetched_block_that_changed_meanwhile_is_read_again(server: EtcdServe
     run(server, go)
 
 
+def test_while_last_commits_sees_the_addresses_in_flight_and_again_after_a_refusal(
+        server: EtcdServer) -> None:
+    """The CNI plumbs the pod while etcd commits: the hook runs once the last transaction is
+    sent, with every address; a refused transaction's retry calls it again with what the
+    retry took, which is what is returned."""
+    from datastore.reads import ReadBatch
+
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "p", "10.244.0.0/24", 26)
+        ipam = IPAM(ds)
+        first = await ipam.auto_assign(req("h1"))
+        calls: list[list[str]] = []
+
+        def extra(addresses: list[Any]) -> list[Put]:
+            return [Put("/test/endpoint", ",".join(map(str, addresses)).encode())]
+
+        def meanwhile(addresses: list[Any]) -> None:
+            calls.append([str(a) for a in addresses])
+
+        batch = ReadBatch()
+        ipam.queue_assign_reads(batch, "node-a", "h3")
+        prefetched = ipam.assign_reads(await batch.run(ds), "node-a", "h3")
+        await IPAM(ds).auto_assign(req("h2"))  # moves the prefetched block on: one refusal
+        got = await ipam.auto_assign(req("h3", with_last=extra, while_last_commits=meanwhile),
+                                     prefetched=prefetched)
+        assert ipam.stats["cas_conflicts"] == 1
+        assert len(calls) == 2 and calls[0] != calls[1]
+        assert calls[1] == [str(got.ipv4[0])] and got.with_last_committed
+        assert first.ipv4[0].ip != got.ipv4[0].ip
+        kv = await ds.get("/test/endpoint")
+        assert kv is not None and kv.value.decode() == str(got.ipv4[0])
+        check_consistent(await read_state(ds))
+    run(server, go)
+
+
 def test_a_pool_added_is_used_by_the_next_assignment(server: EtcdServer) -> None:
     """Nothing of the pools is kept between requests: a new pool (and a disabled old one) is
     seen by the very next auto_assign of the same allocator."""

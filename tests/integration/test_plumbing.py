@@ -218,14 +218,78 @@ def test_two_phases_mac_chosen_late_and_abandon(host: str, make_ns: Callable[[],
     assert plumbing.check(replace(pod, mac="0a:58:0a:41:00:66"), host_netns=host) == []
     with pytest.raises(PlumbingError, match="already finished"):
         prepared.finish(pod.addresses)
-    prepared.abandon()  # after finish: nothing to undo
+    prepared.close()
+    prepared.abandon()  # after close: kept
     assert _exists(host, pod.host_ifname)
+
+    # finished but not kept yet (ADD plumbs while etcd commits): abandon removes the pair
+    again = make_ns()
+    plumbed = plumbing.prepare(pod_if(again, 8), host_netns=host)
+    plumbed.finish(pod_if(again, 8).addresses)
+    assert _exists(again, "eth0")
+    plumbed.abandon()
+    assert not _exists(again, "eth0") and not _exists(host, pod_if(again, 8).host_ifname)
 
     other = make_ns()
     second = plumbing.prepare(pod_if(other, 7), host_netns=host)
     second.abandon()
     second.abandon()
     assert not _exists(other, "eth0") and not _exists(host, pod_if(other, 7).host_ifname)
+
+
+def v4_addresses(ns: str) -> list[str]:
+    info = ip_json(ns, "addr", "show", "dev", "eth0")[0]["addr_info"]
+    return [a["local"] for a in info if a["family"] == "inet"]
+
+
+def test_add_finishes_while_committing_and_replumbs_what_the_store_refused(
+        host: str, make_ns: Callable[[], str]) -> None:
+    """ADD's veth (cni.cmd_add._Veth): finished with the addresses of the transaction in
+    flight; when the store refused them and the retry took others, the pod ends up with only
+    the stored ones; a finish that failed is raised after the allocation."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from cni.cmd_add import _Veth
+
+    ctx: Any = SimpleNamespace(log=logging.getLogger("test"), host_netns=f"/run/netns/{host}")
+    ns = make_ns()
+    pod = pod_if(ns, 9, v6=False, mac="0a:58:0a:41:00:09")
+    stored = [ipaddress.ip_interface("10.65.9.9/32")]
+    refused = [ipaddress.ip_interface("10.65.9.8/26")]  # the allocator's block-masked form
+
+    veth = _Veth(ctx, pod, plumbing.prepare(replace(pod, addresses=()), ctx.host_netns))
+    veth.while_committing(refused)
+    assert v4_addresses(ns) == ["10.65.9.8"]
+    veth.while_committing(stored)  # the retry's call: left for finished()
+    done = asyncio.run(veth.finished(stored, pod.mac))
+    veth.prepared.close()
+    assert v4_addresses(ns) == ["10.65.9.9"]
+    assert done.container_mac == "0a:58:0a:41:00:09"
+    assert plumbing.check(replace(pod, addresses=tuple(stored)), host_netns=host) == []
+    routes = ip_json(host, "route", "show", "dev", pod.host_ifname)
+    assert [r["dst"] for r in routes] == ["10.65.9.9"]
+
+    # the same addresses as in flight: the early finish is the result, nothing redone
+    other = make_ns()
+    second = pod_if(other, 10, v6=False)
+    veth = _Veth(ctx, second, plumbing.prepare(replace(second, addresses=()), ctx.host_netns))
+    veth.while_committing(list(second.addresses))
+    early = veth.plumbed
+    assert asyncio.run(veth.finished(list(second.addresses), veth.mac)) is early
+    veth.prepared.close()
+
+    # a finish that fails (here: a MAC that is not one): the pair is gone and the error comes
+    # out of finished(), after the allocation
+    third_ns = make_ns()
+    third = pod_if(third_ns, 11, v6=False)
+    veth = _Veth(ctx, third, plumbing.prepare(replace(third, addresses=()), ctx.host_netns))
+    veth.mac = "zz"
+    veth.while_committing(list(third.addresses))
+    with pytest.raises(PlumbingError, match="MAC"):
+        asyncio.run(veth.finished(list(third.addresses), "zz"))
+    assert not _exists(host, third.host_ifname)
 
 
 def test_setup_replaces_leftovers(host: str, make_ns: Callable[[], str]) -> None:
