@@ -18,7 +18,6 @@ a newer sandbox of the same pod keeps its endpoint.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +195,7 @@ def put_op(wep: dict[str, Any], current: etcd.KV | None) -> tuple[etcd.Put, dict
     it with the pod's addresses); validated and stamped as `write` does (uid kept from
     `current`, the key as read). Unconditional is right here: a concurrent DEL of an earlier
     container removes the endpoint only at the revision it read, so it cannot undo this."""
-    obj = copy.deepcopy(validate_all([wep])[0])
+    obj = validate_all([wep])[0]  # a normalised copy: stamping it leaves `wep` alone
     kind, name, namespace = identify(obj)
     key = kind.key(name, namespace)
     _stamp(obj, resource(current) if current is not None and current.key == key else None)
@@ -212,7 +211,7 @@ async def write(store: ResourceStore, wep: dict[str, Any],
     revision) instead of a read and a write; when the key changed since, the ordinary apply
     (read, then write, retried) takes over."""
     if not isinstance(current, _Unread):
-        obj = copy.deepcopy(validate_all([wep])[0])  # as store.write: validate, then stamp
+        obj = validate_all([wep])[0]  # as store.write: validate (a copy), then stamp
         kind, name, namespace = identify(obj)
         key = kind.key(name, namespace)
         if current is None or current.key == key:

@@ -6,7 +6,6 @@ simulator, tabbyctl's checks before it connects) share these.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -42,9 +41,10 @@ def validate_any(obj: Any, default_namespace: str = "default") -> Resource:
 
 def encode(obj: Resource) -> bytes:
     """Stored form: compact JSON, no resourceVersion (it is the key's mod revision)."""
-    stored = copy.deepcopy(obj)
-    stored.get("metadata", {}).pop("resourceVersion", None)
-    return json.dumps(stored, separators=(",", ":")).encode()
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and "resourceVersion" in meta:  # copies only what changes
+        obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}}
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def validate_all(objs: Sequence[Any], default_namespace: str = "default") -> list[Resource]:

@@ -158,6 +158,8 @@ class CniService:
         try:
             frame = await self.answer(reader)
             writer.write(frame)
+            with contextlib.suppress(OSError):  # the shim reads to EOF: now, not at close
+                writer.write_eof()
             await writer.drain()
         except ConnectionError as e:
             self.log.warning("CNI client went away before its answer: %s", e)
