@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cni import annotations as calico_annotations
@@ -24,10 +24,13 @@ from cni.ipam_plugin import Context as IpamContext
 from cni.ipam_plugin import _assign_requested, allocation_attrs, requested_ips
 from cni.netconf import read_mtu_file
 from cni.spec import CNIError
-from datastore.etcd import KV
+from datastore.etcd import KV, Guard
 from datastore.kinds import kind_for
 from datastore.reads import ReadBatch, ReadResult
+from ipam import keys as ipam_keys
 from ipam.allocator import AssignRequest, Prefetched
+from ipam.block import sanitize_handle
+from ipam.errors import InputsChanged
 
 ROLLBACK_TIMEOUT = 10.0
 
@@ -50,18 +53,28 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
     _ = w.name  # a name Calico cannot form fails here, before anything is allocated
     _drop_pending(ctx)  # this attachment is live again: an old pending DEL must not undo it
     mac = _requested_mac(req, None) or random_mac()
-    reading = asyncio.ensure_future(_read_for_add(ctx))
+    remembered = _remembered_reads(ctx)
+    reading = None if remembered else asyncio.ensure_future(_read_for_add(ctx))
     veth: _Veth | None = None
     allocation: _Allocation | None = None
     try:
-        pod_if = await _pod_interface(ctx, mac)
-        await asyncio.sleep(0)  # the read goes out first; etcd answers while the veth is made
-        # the plumbing runs right on this thread: a netlink request is a syscall the kernel
-        # answers at once, and handing it to a worker thread costs more in wake-ups than it
-        # takes (each phase is under a millisecond; see cni.plumbing)
-        veth = _Veth(ctx, pod_if, plumbing.prepare(pod_if, ctx.host_netns))
-        reads = await reading
-        allocation, mac, endpoint = await _allocate_for(ctx, reads, mac, veth)
+        veth = _Veth(ctx, await _pod_interface(ctx, mac))
+        if reading is not None:
+            await asyncio.sleep(0)  # the read goes out first; etcd answers while the veth is made
+            # the plumbing runs right on this thread: a netlink request is a syscall the kernel
+            # answers at once, and handing it to a worker thread costs more in wake-ups than it
+            # takes (each phase is under a millisecond; see cni.plumbing)
+            veth.prepare()
+            reads, guards = await reading, []
+        else:  # no read at all: the veth is made and finished while etcd commits
+            assert remembered is not None
+            reads, guards = remembered
+        try:
+            allocation, mac, endpoint = await _allocate_for(ctx, reads, mac, veth, guards)
+        except InputsChanged as e:
+            ctx.log.info("%s; reading them and allocating again", e)
+            reads = await _read_for_add(ctx)
+            allocation, mac, endpoint = await _allocate_for(ctx, reads, mac, veth, [])
         if endpoint is not None:  # a delegated IPAM plugin or requested addresses
             await wep.write(ctx.svc.store, endpoint, reads.get(w.key))
             allocation.endpoint_written = True
@@ -71,6 +84,7 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
         if allocation is not None:
             await _rollback(ctx, allocation, endpoint_written=allocation.endpoint_written)
         raise
+    assert veth.prepared is not None
     veth.prepared.close()
     ctx.log.info("plumbed %s <-> %s:%s (%s, MTU %d) and wrote WorkloadEndpoint %s/%s",
                  w.host_ifname, req.netns, req.ifname, ", ".join(map(str, allocation.addresses)),
@@ -79,17 +93,23 @@ async def cmd_add(ctx: Ctx) -> dict[str, Any]:
 
 
 class _Veth:
-    """The pod's veth through ADD: made while etcd is read, finished with the addresses while
-    etcd commits them (the allocator's `while_last_commits`; Calico too plumbs before the
-    endpoint is written), else after the allocation."""
+    """The pod's veth through ADD: made while etcd is read (`prepare`), finished with the
+    addresses while etcd commits them (the allocator's `while_last_commits`; Calico too
+    plumbs before the endpoint is written), else after the allocation (`finished`). Without a
+    read (remembered inputs) it is made in the commit's shadow too."""
 
-    def __init__(self, ctx: Ctx, pod_if: plumbing.PodInterface,
-                 prepared: plumbing.PreparedVeth) -> None:
-        self.ctx, self.pod_if, self.prepared = ctx, pod_if, prepared
+    def __init__(self, ctx: Ctx, pod_if: plumbing.PodInterface) -> None:
+        self.ctx, self.pod_if = ctx, pod_if
+        self.prepared: plumbing.PreparedVeth | None = None
         self.mac = pod_if.mac  # the MAC to finish with (the Pod's, once it has been read)
         self.early: list[Any] | None = None  # the addresses finish() ran with meanwhile
         self.plumbed: plumbing.Plumbed | None = None
         self.error: Exception | None = None
+
+    def prepare(self) -> plumbing.PreparedVeth:
+        if self.prepared is None:
+            self.prepared = plumbing.prepare(self.pod_if, self.ctx.host_netns)
+        return self.prepared
 
     def while_committing(self, taken: list[Any]) -> None:
         """The allocator's hook (must not raise): finish with the addresses in flight."""
@@ -97,7 +117,7 @@ class _Veth:
             return  # a refused transaction retried with other addresses: finished() redoes it
         self.early = [ipaddress.ip_interface((a.ip, a.max_prefixlen)) for a in taken]
         try:
-            self.plumbed = self.prepared.finish(self.early, self.mac)
+            self.plumbed = self.prepare().finish(self.early, self.mac)
         except Exception as e:  # finish() removed the pair; raised by finished()
             self.error = e
 
@@ -107,13 +127,15 @@ class _Veth:
             raise self.error
         if self.plumbed is not None and self.early == addresses and self.mac == mac:
             return self.plumbed
-        if self.early is not None:  # finished with addresses the store then refused
+        if self.prepared is not None and self.plumbed is not None and self.early is not None:
             self.ctx.log.info("the store refused %s after the veth had them; plumbing %s",
                               ", ".join(map(str, self.early)), ", ".join(map(str, addresses)))
+            if self.mac == mac:  # removes the pair if it fails
+                return self.prepared.readdress(self.early, addresses)
             # deleting a veth waits for the kernel (~30 ms): not on the loop's thread
             await asyncio.to_thread(self.prepared.abandon)
-            self.prepared = plumbing.prepare(self.pod_if, self.ctx.host_netns)
-        return self.prepared.finish(addresses, mac)  # removes the pair if it fails
+            self.prepared = None
+        return self.prepare().finish(addresses, mac)  # removes the pair if it fails
 
 
 async def _pod_interface(ctx: Ctx, mac: str) -> plumbing.PodInterface:
@@ -124,14 +146,15 @@ async def _pod_interface(ctx: Ctx, mac: str) -> plumbing.PodInterface:
         mtu=await _mtu(ctx), mac=mac, allow_ip_forwarding=ctx.conf.allow_ip_forwarding)
 
 
-async def _abandon(ctx: Ctx, reading: asyncio.Future[ReadResult],
+async def _abandon(ctx: Ctx, reading: asyncio.Future[ReadResult] | None,
                    prepared: plumbing.PreparedVeth | None) -> None:
     """After a failure: stop the read if it still runs, remove the veth if one was made."""
-    if not reading.done():
-        reading.cancel()
-    await asyncio.wait([reading])
-    if not reading.cancelled():
-        reading.exception()  # retrieved: the failure being raised is the one that matters
+    if reading is not None:
+        if not reading.done():
+            reading.cancel()
+        await asyncio.wait([reading])
+        if not reading.cancelled():
+            reading.exception()  # retrieved: the failure being raised is the one that matters
     if prepared is None:
         return
     try:  # deleting a veth waits for the kernel (~30 ms): not on the loop's thread
@@ -140,17 +163,20 @@ async def _abandon(ctx: Ctx, reading: asyncio.Future[ReadResult],
         ctx.log.error("could not remove the veth after the failure: %s", e)
 
 
-async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth
-                        ) -> tuple[_Allocation, str, dict[str, Any] | None]:
+async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth,
+                        guards: list[Guard]) -> tuple[_Allocation, str, dict[str, Any] | None]:
     """The addresses, the pod MAC (the Pod's hwAddr annotation, known only now, wins over the
     one the veth was made with) and the WorkloadEndpoint still to write (None when Tabby's IPAM
-    committed it with the addresses)."""
+    committed it with the addresses). `guards`: with remembered reads, what must still hold
+    when the addresses and the endpoint are committed (else InputsChanged)."""
     req, conf, svc, w = ctx.req, ctx.conf, ctx.svc, ctx.workload
     _check_datastore_ready(reads.get(CLUSTER_INFO.key("default")))
     pod = wep.resource(reads.get(pod_key)) if (pod_key := wep.pod_key(w)) else None
     ns_obj = wep.resource(reads.get(ns_key)) if (ns_key := wep.namespace_key(w)) else None
     prefetched = (svc.ipam.assign_reads(reads, ctx.node, ctx.handle, _ipam_namespace(ctx))
                   if conf.in_process_ipam else None)
+    if prefetched is not None and guards:
+        prefetched = replace(prefetched, remembered=True)
     held = await _held(ctx, prefetched)
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
@@ -160,7 +186,7 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth
     def endpoint_ops(addresses: list[Any]) -> list[Any]:
         """The WorkloadEndpoint, committed in the allocation's own transaction."""
         single = [f"{a.ip}/{a.max_prefixlen}" for a in addresses]
-        return [wep.put_op(wep.build(w, pod, single, mac), reads.get(w.key))[0]]
+        return [wep.put_op(wep.build(w, pod, single, mac), reads.get(w.key))[0], *guards]
 
     allocation = await _allocate(ctx, held, pod, ns_obj, prefetched, reads.get(w.key),
                                  endpoint_ops, veth.while_committing)
@@ -169,10 +195,10 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth
     return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
 
 
-async def _read_for_add(ctx: Ctx) -> ReadResult:
-    """Everything ADD reads before it writes, in one etcd request at one revision: the
-    ClusterInformation, the endpoint's key, the Pod and its Namespace, and (Tabby's IPAM)
-    what the allocator reads first (`IPAM.queue_assign_reads`)."""
+def _add_reads(ctx: Ctx) -> ReadBatch:
+    """Everything ADD reads before it writes: the ClusterInformation, the endpoint's key, the
+    Pod and its Namespace, and (Tabby's IPAM) what the allocator reads first
+    (`IPAM.queue_assign_reads`)."""
     w = ctx.workload
     batch = ReadBatch(gets=[CLUSTER_INFO.key("default"), w.key])
     for key in (wep.pod_key(w), wep.namespace_key(w)):
@@ -180,7 +206,29 @@ async def _read_for_add(ctx: Ctx) -> ReadResult:
             batch.get(key)
     if ctx.conf.in_process_ipam:
         ctx.svc.ipam.queue_assign_reads(batch, ctx.node, ctx.handle, _ipam_namespace(ctx))
-    return await batch.run(ctx.svc.ds)
+    return batch
+
+
+async def _read_for_add(ctx: Ctx) -> ReadResult:
+    """`_add_reads` in one etcd request, at one revision."""
+    return await _add_reads(ctx).run(ctx.svc.ds)
+
+
+def _remembered_reads(ctx: Ctx) -> tuple[ReadResult, list[Guard]] | None:
+    """`_add_reads` answered from tabby-node's watched copies, with the guards the commit
+    carries; None (read them) without them, or for a delegated IPAM plugin, whose write of
+    the endpoint could not carry the guards. The endpoint and the handle are new keys on an
+    ADD (guarded absent: a repeated ADD reads); a block comes as this allocator last wrote
+    it (its write is guarded by its revision), else it is read when needed."""
+    remembered = ctx.svc.remembered
+    if remembered is None or not ctx.conf.in_process_ipam:
+        return None
+    batch = _add_reads(ctx)
+    blocks = [key for key in batch.gets if ipam_keys.parse_block_key(key)]
+    known = ctx.svc.ipam.written_blocks(blocks)
+    return remembered.answer(batch, assume_absent=[ctx.workload.key, ipam_keys.handle_key(
+        sanitize_handle(ctx.handle))], known=known,
+        leave_out=[key for key in blocks if key not in known])
 
 
 def _ipam_namespace(ctx: Ctx) -> str | None:
@@ -304,6 +352,8 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
     wanted = (requested_ips(req.config, req.args)
               or calico_annotations.requested_addresses(pod_ann, pod_name))
     attrs = allocation_attrs(ctx.node, req.args, time.time_ns())
+    if wanted and prefetched is not None and prefetched.remembered:
+        raise InputsChanged("requested addresses are assigned from inputs read now")
     if wanted:
         ipam_ctx = IpamContext(req, conf, ctx.node, ctx.log)
         return await _assign_requested(ipam_ctx, ctx.svc.ipam, wanted, attrs), False

@@ -19,10 +19,17 @@ from cni.ipam_plugin import handle_id, legacy_handle
 from cni.netconf import NetConf
 from datastore.config import EtcdConfig
 from datastore.etcd import Datastore
+from datastore.kinds import kind_for
+from datastore.remembered import RememberedReads
 from datastore.store import ResourceStore
 from ipam.allocator import IPAM
+from ipam.keys import CONFIG_KEY
 
 MTU_CACHE = 30.0  # seconds a detected MTU is reused
+# prefixes tabby-node watches whole for ADD's remembered reads (the node's own Node and IPAM
+# affinities are watched one prefix each, as asked for)
+ADD_ROOTS = (*(kind_for(k).prefix for k in ("Pod", "Namespace", "Profile", "ClusterInformation",
+                                            "IPPool", "IPReservation")), CONFIG_KEY)
 
 # Tabby's own codes (100+ belong to plugins); next to cni.spec's 100-104
 PLUMBING_FAILED = spec.PLUMBING_FAILED
@@ -43,7 +50,7 @@ class Services:
     first use), the allocator, the resource store and a cache of the detected MTU."""
 
     def __init__(self, config: EtcdConfig, ds: Datastore, log: logging.Logger,
-                 spool_dir: Path) -> None:
+                 spool_dir: Path, remember: bool = False) -> None:
         self.config = config
         self.ds = ds
         self.ipam = IPAM(ds)
@@ -51,13 +58,20 @@ class Services:
         self.log = log
         self.spool_dir = Path(spool_dir)
         self._mtu: dict[tuple[int, str | None], tuple[float, int]] = {}
+        # tabby-node only (a one-shot process would watch for nothing): ADD's reads from
+        # watched copies, guarded in its commit (datastore.remembered)
+        self.remembered = RememberedReads(ds, ADD_ROOTS) if remember else None
 
     @classmethod
-    async def open(cls, config: EtcdConfig, log: logging.Logger, spool_dir: Path) -> Services:
-        """No I/O: a DEL must be able to run (and spool) while etcd is down."""
-        return cls(config, Datastore(config), log, Path(spool_dir))
+    async def open(cls, config: EtcdConfig, log: logging.Logger, spool_dir: Path,
+                   remember: bool = False) -> Services:
+        """No I/O: a DEL must be able to run (and spool) while etcd is down. The watches of
+        `remember` start with the first ADD that wants them."""
+        return cls(config, Datastore(config), log, Path(spool_dir), remember)
 
     async def close(self) -> None:
+        if self.remembered is not None:
+            await self.remembered.close()
         await self.ds.close()
 
     async def pod_mtu(self, overhead: int, host_netns: str | None) -> int:

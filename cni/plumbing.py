@@ -39,7 +39,10 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
     RTM_GETLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
@@ -65,7 +68,7 @@ RTN_UNICAST, RTPROT_STATIC, MAIN_TABLE = 1, 4, 254
 IFF_UP = 1
 NUD_PERMANENT = 0x80
 IFA_F_NODAD = 0x02
-EEXIST, ENODEV = 17, 19
+ESRCH, ENOENT, EEXIST, ENODEV, EADDRNOTAVAIL = 3, 2, 17, 19, 99
 NEW = nslib.NLM_F_CREATE | nslib.NLM_F_EXCL  # create, fail if it exists
 REPLACE = nslib.NLM_F_CREATE | nslib.NLM_F_REPLACE  # create or overwrite
 
@@ -178,6 +181,7 @@ class PreparedVeth:
         self._pod_nl, self._pod_index = pod_nl, pod_index
         self._open = True
         self._finished = False
+        self._finished_mac: str | None = None
 
     def finish(self, addresses: tuple[IPInterface, ...] | list[IPInterface],
                mac: str | None = None) -> Plumbed:
@@ -198,10 +202,42 @@ class PreparedVeth:
         except BaseException:
             self.abandon()
             raise
-        self._finished = True
+        self._finished, self._finished_mac = True, pod.mac
         assert pod.mac is not None
         return Plumbed(pod.host_ifname, HOST_MAC, pod.container_ifname, pod.mac, pod.mtu,
                        pod.netns)
+
+    def readdress(self, old: tuple[IPInterface, ...] | list[IPInterface],
+                  addresses: tuple[IPInterface, ...] | list[IPInterface]) -> Plumbed:
+        """After finish(old): swap the pod's addresses for `addresses` (host routes and
+        neighbours too), keeping the pair. ADD's rare path, when etcd refused the addresses
+        it plumbed while committing: cheaper than a new pair (deleting one takes ~30 ms)."""
+        if not self._finished or not self._open:
+            raise PlumbingError(f"{self.pod.host_ifname}: only a finished veth is readdressed")
+        gone = (ESRCH, ENOENT, EADDRNOTAVAIL)  # already gone is fine
+        name = self.pod.host_ifname
+        for addr in old:
+            dst = _single(addr).network
+            self._host_nl.queue(msgs.route(
+                _family(addr), self._host_index, str(dst.network_address), dst.prefixlen, None,
+                table=MAIN_TABLE, proto=ROUTE_PROTO, scope=SCOPE_LINK, route_type=RTN_UNICAST),
+                RTM_DELROUTE, 0, f"deleting route {dst} dev {name}", ignore=gone)
+            self._host_nl.queue(msgs.neighbour(_family(addr), self._host_index, str(addr.ip),
+                                               self._finished_mac or "", NUD_PERMANENT),
+                                RTM_DELNEIGH, 0, f"deleting neighbour {addr.ip}", ignore=gone)
+            self._pod_nl.queue(msgs.address(_family(addr), self._pod_index, str(addr.ip),
+                                            dst.prefixlen, IFA_F_NODAD),
+                               RTM_DELADDR, 0, f"deleting {addr} in {self.pod.netns}",
+                               ignore=gone)
+        try:
+            if old:
+                _commit(self._host_nl)
+                _commit(self._pod_nl)
+        except BaseException:
+            self.abandon()
+            raise
+        self._finished = False
+        return self.finish(addresses, self._finished_mac)
 
     def abandon(self) -> None:
         """Remove the pair (the peer goes with the host end) and release everything."""

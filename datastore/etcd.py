@@ -111,8 +111,8 @@ class KV:
     key: str
     value: bytes
     mod_revision: int
-    create_revision: int
-    version: int
+    create_revision: int = 0  # 0: not known (a value remembered from a write or an event)
+    version: int = 0
     lease: int = 0
 
 
@@ -170,7 +170,25 @@ class Purge:
     key: str
 
 
-Op = Create | Update | Put | Delete | Purge
+@dataclass(frozen=True)
+class Unchanged:
+    """A guard that writes nothing: `key` is still at `revision` (0: still absent)."""
+
+    key: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class NothingNewer:
+    """A guard that writes nothing: no key under the prefix `key` was written after
+    `revision` (a key deleted since is not seen: guard the keys you know with Unchanged)."""
+
+    key: str
+    revision: int
+
+
+Guard = Unchanged | NothingNewer
+Op = Create | Update | Put | Delete | Purge | Unchanged | NothingNewer
 
 
 # -- connection --------------------------------------------------------------------------------
@@ -357,6 +375,13 @@ def _compares(op: Op) -> list[Any]:
         return [
             rpc.Compare(key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)
         ]
+    if isinstance(op, Unchanged):  # etcd compares a missing key as mod_revision 0
+        return [rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                            mod_revision=op.revision)]
+    if isinstance(op, NothingNewer):  # every key in the range; an empty range passes
+        start, end = _prefix_range(op.key)
+        return [rpc.Compare(key=start, range_end=end, target=rpc.Compare.MOD,
+                            result=rpc.Compare.LESS, mod_revision=op.revision + 1)]
     return []
 
 
@@ -378,9 +403,11 @@ def _txn_request(ops: Sequence[Op]) -> Any:
         if isinstance(op, Update | Delete) and op.revision is not None and op.revision <= 0:
             raise ValueError(f"{op.key}: revision {op.revision} is not an etcd revision")
     compares = [c for op in ops for c in _compares(op)]
-    guarded = list(dict.fromkeys(op.key for op in ops if not isinstance(op, Put | Purge)))
+    guarded = list(dict.fromkeys(op.key for op in ops
+                                 if not isinstance(op, Put | Purge | NothingNewer)))
     failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(k))) for k in guarded]
-    return rpc.TxnRequest(compare=compares, success=[_request(op) for op in ops], failure=failure)
+    success = [_request(op) for op in ops if not isinstance(op, Unchanged | NothingNewer)]
+    return rpc.TxnRequest(compare=compares, success=success, failure=failure)
 
 
 def _precondition_error(ops: Sequence[Op], response: Any) -> DatastoreError:
@@ -390,12 +417,16 @@ def _precondition_error(ops: Sequence[Op], response: Any) -> DatastoreError:
         kv = current.get(op.key)
         if isinstance(op, Create) and kv is not None:
             return AlreadyExists(op.key, kv)
+        if isinstance(op, Unchanged) and (kv.mod_revision if kv else 0) != op.revision:
+            return Conflict(op.key, kv, op.revision)
         if isinstance(op, Update | Delete):
             expected = op.revision
             if kv is None:
                 return NotFound(op.key)
             if expected is not None and kv.mod_revision != expected:
                 return Conflict(op.key, kv, expected)
+    if newer := next((op for op in ops if isinstance(op, NothingNewer)), None):
+        return Conflict(newer.key, None, newer.revision)  # a key under it was written since
     # unreachable while etcd is atomic; say what we know rather than guess
     first = next(op for op in ops if not isinstance(op, Put | Purge))
     return Conflict(first.key, current.get(first.key))

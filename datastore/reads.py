@@ -37,6 +37,14 @@ class ReadBatch:
         self._gets: dict[str, None] = dict.fromkeys(gets)
         self._lists: dict[str, None] = dict.fromkeys(lists)
 
+    @property
+    def gets(self) -> list[str]:
+        return list(self._gets)
+
+    @property
+    def lists(self) -> list[str]:
+        return list(self._lists)
+
     def get(self, key: str) -> None:
         self._gets[key] = None
 

@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from datastore.etcd import Create, Datastore, Delete, Op, Update
+from datastore.etcd import KV, Create, Datastore, Delete, Op, Update
 from datastore.reads import ReadBatch, ReadResult
 from ipam import affinity, keys, release
 from ipam.block import IP, Block, sanitize_handle
-from ipam.errors import BlockNotEmpty, InvalidRequest, NotInPool, PoolExhausted
+from ipam.errors import BlockNotEmpty, InputsChanged, InvalidRequest, NotInPool, PoolExhausted
 from ipam.inputs import Inputs, inputs_from, queue_inputs, read_config, read_pools
 from ipam.pools import (
     LOAD_BALANCER,
@@ -100,6 +100,9 @@ class Prefetched:
     affinities: dict[str, Versioned[Affinity]]
     handle: Versioned[Handle] | None
     blocks: dict[str, Versioned[Block] | None]  # the host's blocks that last had room
+    # made from remembered values, not read (tabby-node's watched copies): the first refused
+    # write raises InputsChanged instead of being retried, so the caller reads and asks again
+    remembered: bool = False
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Job:
     with_last: Callable[[list[Interface]], Sequence[Op]] | None = None
     with_last_committed: bool = False
     while_last_commits: Callable[[list[Interface]], None] | None = None
+    remembered: bool = False
 
 
 class _Unread:
@@ -152,6 +156,10 @@ class IPAM:
             if host == hostname:
                 batch.get(keys.block_key(cidr))
 
+    def written_blocks(self, batch_keys: Iterable[str]) -> dict[str, KV]:
+        """Of `batch_keys`, the blocks as this allocator last wrote them (`Store.commit`)."""
+        return {k: kv for k in batch_keys if (kv := self._store.written_blocks.get(k))}
+
     def assign_reads(self, result: ReadResult, hostname: str, handle_id: str,
                      namespace: str | None = None) -> Prefetched:
         """What `queue_assign_reads` asked for, decoded, for `auto_assign(prefetched=...)`."""
@@ -180,7 +188,7 @@ class IPAM:
         job = _Job(req.hostname, handle_id, dict(req.attrs), prefetched.handle,
                    prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks),
                    total=req.num_v4 + req.num_v6, with_last=req.with_last,
-                   while_last_commits=req.while_last_commits)
+                   while_last_commits=req.while_last_commits, remembered=prefetched.remembered)
         try:
             v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools, req.intended_use)
             v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools, req.intended_use)
@@ -339,6 +347,9 @@ class IPAM:
         else:
             done = await self._store.commit(ops)
         if not isinstance(done, int):
+            if job.remembered:
+                raise InputsChanged(f"a write of {job.handle_id} was refused ({done}); the "
+                                    "remembered inputs were out of date")
             return False
         job.handle = (handle, done)
         job.with_last_committed = job.with_last_committed or last

@@ -33,6 +33,11 @@ class AddressNotAllocated(IPAMError):
     """An address asked about is free, so it has no allocation to look at."""
 
 
+class InputsChanged(IPAMError):
+    """A request made from remembered inputs (`Prefetched.remembered`) had a write refused:
+    what it remembered may be out of date, so the caller reads and asks again."""
+
+
 class StaleSequenceNumber(IPAMError):
     """A release carried a sequence number that no longer matches the allocation: the address
     was released and handed out again since the caller looked (Calico's ABA guard)."""

@@ -41,6 +41,9 @@ class Store:
         self.ds = ds
         self.stats = stats
         self.max_retries = max_retries
+        # blocks as this store last wrote them: a guess at their current value for a request
+        # that skips reading (every write of one is guarded by its revision anyway)
+        self.written_blocks: dict[str, KV] = {}
 
     def attempts(self, what: str) -> Iterator[int]:
         """Loop counter for a read-modify-write: raises once `max_retries` rounds are used."""
@@ -83,11 +86,18 @@ class Store:
         """The new revision, or the refusal when a guard failed (counted as a conflict)."""
         self.stats["writes"] += 1
         try:
-            return await self.ds.commit(ops)
+            revision = await self.ds.commit(ops)
         except (AlreadyExists, Conflict, NotFound) as refusal:
             self.stats["cas_conflicts"] += 1
             log.debug("IPAM write refused: %s", refusal)
             return refusal
+        for op in ops:
+            if keys.parse_block_key(op.key):
+                if isinstance(op, Create | Update):
+                    self.written_blocks[op.key] = KV(op.key, op.value, revision)
+                else:
+                    self.written_blocks.pop(op.key, None)
+        return revision
 
 
 # -- decoding what was read (also from a batch of reads, datastore.reads) -----------------------

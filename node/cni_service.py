@@ -68,11 +68,7 @@ class ServicesCache:
         async with self._locks.setdefault(config, asyncio.Lock()):  # one open per config
             if (found := self._open.get(config)) is not None:
                 return found
-            opener = self._opener
-            if opener is None:
-                from cni.handler import Services
-
-                opener = Services.open
+            opener = self._opener or _open_remembering
             services = await opener(config, self.log, self.spool_dir)
             self._open[config] = services
             self.log.info("etcd services open for %s", ",".join(config.endpoints))
@@ -88,6 +84,14 @@ class ServicesCache:
                 await services.close()
             except Exception as e:  # closing is best effort at shutdown
                 self.log.warning("closing etcd services failed: %s", e)
+
+
+async def _open_remembering(config: EtcdConfig, log: logging.Logger, spool_dir: Path
+                            ) -> Services:
+    """tabby-node's Services: ADD answers its reads from watched copies (cni.cmd_add)."""
+    from cni.handler import Services
+
+    return await Services.open(config, log, spool_dir, remember=True)
 
 
 def _default_handler() -> Handler:

@@ -29,9 +29,11 @@ from datastore.etcd import (
     Delete,
     Event,
     NotFound,
+    NothingNewer,
     Put,
     Resync,
     Unavailable,
+    Unchanged,
     Update,
 )
 from tests.conftest import require_binary
@@ -619,3 +621,82 @@ def test_unreadable_tls_file_is_a_datastore_error(tmp_path: Path) -> None:
 
     with pytest.raises(DatastoreError, match="CA file"):
         run(body())
+
+
+def test_guards_that_write_nothing(etcd_server: EtcdServer, prefix: str) -> None:
+    """Unchanged: a key still at a revision (0: still absent); NothingNewer: no key under a
+    prefix written after a revision. Both only guard the transaction's writes."""
+    async def body() -> None:
+        async with Datastore(etcd_server.config()) as ds:
+            rev_a = await ds.create(prefix + "list/a", b"1")
+            await ds.create(prefix + "list/b", b"2")
+            listed = await ds.revision()
+            ok = [Unchanged(prefix + "list/a", rev_a), Unchanged(prefix + "absent", 0),
+                  NothingNewer(prefix + "list/", listed), Put(prefix + "out", b"x")]
+            await ds.commit(ok)
+            assert (await ds.get(prefix + "out")) is not None
+
+            await ds.put(prefix + "list/a", b"changed")
+            with pytest.raises(Conflict) as changed:
+                await ds.commit([Unchanged(prefix + "list/a", rev_a), Put(prefix + "o2", b"")])
+            assert changed.value.key == prefix + "list/a"
+            await ds.create(prefix + "absent", b"now here")
+            with pytest.raises(Conflict) as appeared:
+                await ds.commit([Unchanged(prefix + "absent", 0), Put(prefix + "o2", b"")])
+            assert appeared.value.key == prefix + "absent"
+            listed = await ds.revision()
+            await ds.commit([NothingNewer(prefix + "list/", listed)])  # guards only: fine
+            await ds.create(prefix + "list/c", b"3")  # a new key under the prefix
+            with pytest.raises(Conflict) as newer:
+                await ds.commit([NothingNewer(prefix + "list/", listed), Put(prefix + "o2", b"")])
+            assert newer.value.key == prefix + "list/"
+            assert await ds.get(prefix + "o2") is None  # nothing of a refused commit
+    run(body())
+
+
+def test_remembered_reads_answer_as_a_read_would_with_guards_that_notice_changes(
+        etcd_server: EtcdServer, prefix: str) -> None:
+    from datastore.reads import ReadBatch
+    from datastore.remembered import RememberedReads
+
+    async def body() -> None:
+        async with Datastore(etcd_server.config()) as ds:
+            await ds.create(prefix + "pods/ns/a", b"A")
+            await ds.create(prefix + "pools/p1", b"P1")
+            await ds.create(prefix + "node", b"N")
+            remembered = RememberedReads(ds, roots=[prefix + "pods/"])
+            batch = ReadBatch(gets=[prefix + "pods/ns/a", prefix + "pods/ns/b", prefix + "node",
+                                    prefix + "mine"], lists=[prefix + "pools/"])
+            mine = {"assume_absent": [prefix + "mine"]}
+            assert remembered.answer(batch, **mine) is None  # starts the three watches
+            while not (watched := remembered.watching()) or not all(watched.values()):
+                await asyncio.sleep(0.01)
+            assert set(watched) == {prefix + "pods/", prefix + "node", prefix + "pools/"}
+            got = remembered.answer(batch, **mine)
+            assert got is not None
+            result, guards = got
+            real = await batch.run(ds)
+            for key in batch.gets:
+                assert result.get(key) == (real.get(key) if key != prefix + "mine" else None)
+            assert [(kv.key, kv.value) for kv in result.list(prefix + "pools/")] == \
+                [(kv.key, kv.value) for kv in real.list(prefix + "pools/")]
+            await ds.commit([*guards, Put(prefix + "mine", b"1")])  # all still true
+
+            # every kind of change fails the same guards: a modified, a deleted, a created key
+            batch = ReadBatch(gets=[prefix + "pods/ns/a", prefix + "pods/ns/b", prefix + "node"],
+                              lists=[prefix + "pools/"])
+            for change in (Put(prefix + "pods/ns/a", b"A2"), Delete(prefix + "pools/p1"),
+                           Put(prefix + "pools/p2", b"P2"), Put(prefix + "pods/ns/b", b"B")):
+                got = remembered.answer(batch)
+                assert got is not None
+                await ds.commit([change])
+                with pytest.raises(Conflict):
+                    await ds.commit([*got[1], Put(prefix + "never", b"")])
+                await asyncio.sleep(0.2)  # the watches catch up: guards hold again
+                fresh = remembered.answer(batch)
+                assert fresh is not None
+                await ds.commit(list(fresh[1]))
+            assert await ds.get(prefix + "never") is None
+            await remembered.close()
+            assert remembered.watching() == {}
+    run(body())

@@ -104,7 +104,7 @@ def pod_args(name: str, namespace: str = "prod", cid: str = "") -> str:
 class Harness:
     """A test host netns, pod netns on demand, one Services (one event loop) for the test."""
 
-    def __init__(self, server: EtcdServer, tmp_path: Path) -> None:
+    def __init__(self, server: EtcdServer, tmp_path: Path, remember: bool = False) -> None:
         require_root()
         require_binary("ip")
         require_binary("nsenter")
@@ -123,7 +123,7 @@ class Harness:
         sh("ip", "netns", "add", self.host)
         sh("ip", "-n", self.host, "link", "set", "lo", "up")
         self.svc = self.run(Services.open(server.config(), logging.getLogger("test.cni"),
-                                          self.spool))
+                                          self.spool, remember=remember))
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -183,9 +183,13 @@ class Harness:
         assert not leaked, f"plumbing leaked into the root namespace: {leaked}"
 
 
-@pytest.fixture
-def lab(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(etcd_server, tmp_path)
+@pytest.fixture(params=["read", "remembered"])
+def lab(etcd_server: EtcdServer, tmp_path: Path, request: pytest.FixtureRequest
+        ) -> Iterator[Harness]:
+    """Every test twice: reading what ADD needs, and as tabby-node does, from watched copies
+    (datastore.remembered; the watches catch up only while a request runs, so these also go
+    through the guarded fallback)."""
+    h = Harness(etcd_server, tmp_path, remember=request.param == "remembered")
     try:
         yield h
     finally:
@@ -651,3 +655,61 @@ def test_endpoint_write_guarded_by_an_earlier_read(etcd_server: EtcdServer) -> N
             await ds.delete(w.key)
 
     asyncio.run(go())
+
+
+def test_remembered_reads_skip_the_read_and_follow_every_change(
+        etcd_server: EtcdServer, tmp_path: Path) -> None:
+    """tabby-node's ADD once its watches have listed: no read round trip; what changed behind
+    the watches' back (a Pod applied just before, pools swapped by etcdctl, a repeated ADD)
+    fails the commit's guards and is read for real, so every result is still right."""
+    h = Harness(etcd_server, tmp_path, remember=True)
+    try:
+        remembered = h.svc.remembered
+        assert remembered is not None
+        reads: list[int] = []
+        read_many = h.svc.ds.read_many
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(1)
+            return await read_many(*args, **kwargs)
+
+        h.svc.ds.read_many = counted  # type: ignore[method-assign]
+        first = h.pod()
+        h.add(first, "web-0", "r0")  # reads, and starts the watches
+        assert reads == [1]
+
+        async def listed() -> None:
+            while not all(remembered.watching().values()):
+                await asyncio.sleep(0.01)
+        h.run(asyncio.wait_for(listed(), 10))
+        assert len(remembered.watching()) >= 5  # pods, namespaces, profiles, pools, host...
+
+        addresses = set()
+        pods = [h.pod() for _ in range(4)]
+        for i, pod in enumerate(pods):
+            addresses.add(h.add(pod, f"web-{i + 1}", f"r{i + 1}")["ips"][0]["address"])
+        assert reads == [1], "ADD read etcd although its watches had everything"
+        assert len(addresses) == 4 and len(etcd_keys(h.server, WEP_PREFIX)) == 5
+
+        # a Pod applied right before its ADD: its labels are on the endpoint either way
+        h.apply({"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "fresh", "namespace": "prod", "labels": {"app": "new"}},
+                 "spec": {"containers": [{"name": "c"}]}})
+        h.add(h.pod(), "fresh", "rf")
+        endpoint = next(v for k, v in etcd_values(h.server, WEP_PREFIX).items() if "fresh" in k)
+        assert endpoint["metadata"]["labels"]["app"] == "new"
+
+        # pools swapped behind the watches' back: the next address is from the new pool
+        pool_b = validate({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+                           "metadata": {"name": "pool-b"}, "spec": {"cidr": "10.251.0.0/24"}})
+        h.server.etcdctl("put", POOL_PREFIX + "pool-b", json.dumps(pool_b))
+        h.server.etcdctl("del", POOL_PREFIX + "pool-a")
+        moved = h.add(h.pod(), "web-9", "r9")["ips"][0]["address"]
+        assert moved.startswith("10.251.0.")
+
+        # the same container again: it keeps its address (a handle that exists is read)
+        again = h.add(pods[0], "web-1", "r1")["ips"][0]["address"]
+        assert again in addresses
+        assert len(etcd_keys(h.server, HANDLE_PREFIX)) == 7
+    finally:
+        h.close()

@@ -507,6 +507,32 @@ def test_while_last_commits_sees_the_addresses_in_flight_and_again_after_a_refus
     run(server, go)
 
 
+def test_remembered_inputs_are_not_retried_but_reported(server: EtcdServer) -> None:
+    """Prefetched.remembered (tabby-node's watched copies): a refused write raises
+    InputsChanged, with everything the request took given back, instead of a retry."""
+    from dataclasses import replace
+
+    from datastore.reads import ReadBatch
+    from ipam.errors import InputsChanged
+
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "p", "10.244.0.0/24", 26)
+        ipam = IPAM(ds)
+        await ipam.auto_assign(req("h1"))
+        batch = ReadBatch()
+        ipam.queue_assign_reads(batch, "node-a", "h3")
+        prefetched = ipam.assign_reads(await batch.run(ds), "node-a", "h3")
+        await IPAM(ds).auto_assign(req("h2"))  # the remembered block is out of date now
+        with pytest.raises(InputsChanged):
+            await ipam.auto_assign(req("h3"), prefetched=replace(prefetched, remembered=True))
+        state = await read_state(ds)
+        assert "h3" not in state.handles
+        check_consistent(state)
+        got = await ipam.auto_assign(req("h3"))  # read for real: fine
+        assert got.ipv4
+    run(server, go)
+
+
 def test_a_pool_added_is_used_by_the_next_assignment(server: EtcdServer) -> None:
     """Nothing of the pools is kept between requests: a new pool (and a disabled old one) is
     seen by the very next auto_assign of the same allocator."""

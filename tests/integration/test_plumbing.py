@@ -259,32 +259,36 @@ def test_add_finishes_while_committing_and_replumbs_what_the_store_refused(
     stored = [ipaddress.ip_interface("10.65.9.9/32")]
     refused = [ipaddress.ip_interface("10.65.9.8/26")]  # the allocator's block-masked form
 
-    veth = _Veth(ctx, pod, plumbing.prepare(replace(pod, addresses=()), ctx.host_netns))
+    veth = _Veth(ctx, replace(pod, addresses=()))
+    veth.prepare()  # made while etcd was read
     veth.while_committing(refused)
     assert v4_addresses(ns) == ["10.65.9.8"]
     veth.while_committing(stored)  # the retry's call: left for finished()
     done = asyncio.run(veth.finished(stored, pod.mac))
-    veth.prepared.close()
+    veth.prepare().close()
     assert v4_addresses(ns) == ["10.65.9.9"]
     assert done.container_mac == "0a:58:0a:41:00:09"
     assert plumbing.check(replace(pod, addresses=tuple(stored)), host_netns=host) == []
     routes = ip_json(host, "route", "show", "dev", pod.host_ifname)
     assert [r["dst"] for r in routes] == ["10.65.9.9"]
 
-    # the same addresses as in flight: the early finish is the result, nothing redone
+    # no read made it earlier (remembered reads): made and finished while committing; the
+    # same addresses as in flight: the early finish is the result, nothing redone
     other = make_ns()
     second = pod_if(other, 10, v6=False)
-    veth = _Veth(ctx, second, plumbing.prepare(replace(second, addresses=()), ctx.host_netns))
+    veth = _Veth(ctx, replace(second, addresses=()))
     veth.while_committing(list(second.addresses))
     early = veth.plumbed
+    assert early is not None and v4_addresses(other) == [str(second.addresses[0].ip)]
     assert asyncio.run(veth.finished(list(second.addresses), veth.mac)) is early
-    veth.prepared.close()
+    veth.prepare().close()
 
     # a finish that fails (here: a MAC that is not one): the pair is gone and the error comes
     # out of finished(), after the allocation
     third_ns = make_ns()
     third = pod_if(third_ns, 11, v6=False)
-    veth = _Veth(ctx, third, plumbing.prepare(replace(third, addresses=()), ctx.host_netns))
+    veth = _Veth(ctx, replace(third, addresses=()))
+    veth.prepare()
     veth.mac = "zz"
     veth.while_committing(list(third.addresses))
     with pytest.raises(PlumbingError, match="MAC"):
