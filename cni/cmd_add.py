@@ -125,12 +125,16 @@ class _Veth:
         """The veth plumbed with the addresses the store holds (removed if that fails)."""
         if self.error is not None:
             raise self.error
-        if self.plumbed is not None and self.early == addresses and self.mac == mac:
+        # the MAC it was finished with: a Pod read again (InputsChanged) may ask for another
+        same_mac = self.plumbed is not None and (mac is None
+                                                 or self.plumbed.container_mac == mac.lower())
+        if same_mac and self.early == addresses:
+            assert self.plumbed is not None
             return self.plumbed
-        if self.prepared is not None and self.plumbed is not None and self.early is not None:
+        if self.prepared is not None and self.early is not None:
             self.ctx.log.info("the store refused %s after the veth had them; plumbing %s",
                               ", ".join(map(str, self.early)), ", ".join(map(str, addresses)))
-            if self.mac == mac:  # removes the pair if it fails
+            if same_mac:  # removes the pair if it fails
                 return self.prepared.readdress(self.early, addresses)
             # deleting a veth waits for the kernel (~30 ms): not on the loop's thread
             await asyncio.to_thread(self.prepared.abandon)

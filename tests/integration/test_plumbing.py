@@ -283,6 +283,18 @@ def test_add_finishes_while_committing_and_replumbs_what_the_store_refused(
     assert asyncio.run(veth.finished(list(second.addresses), veth.mac)) is early
     veth.prepare().close()
 
+    # finished meanwhile with one MAC, the Pod read again asks for another: a new pair
+    fourth_ns = make_ns()
+    fourth = pod_if(fourth_ns, 12, v6=False, mac="0a:58:0a:41:00:0c")
+    veth = _Veth(ctx, replace(fourth, addresses=()))
+    veth.while_committing(list(fourth.addresses))
+    done = asyncio.run(veth.finished(list(fourth.addresses), "0A:58:0A:41:00:CD"))
+    veth.prepare().close()
+    assert done.container_mac == "0a:58:0a:41:00:cd"
+    assert ip_json(fourth_ns, "link", "show", "dev", "eth0")[0]["address"] == \
+        "0a:58:0a:41:00:cd"
+    assert v4_addresses(fourth_ns) == [str(fourth.addresses[0].ip)]
+
     # a finish that fails (here: a MAC that is not one): the pair is gone and the error comes
     # out of finished(), after the allocation
     third_ns = make_ns()
