@@ -1,4 +1,5 @@
-"""ADD: allocate the addresses (Tabby's IPAM commits the WorkloadEndpoint in the same etcd
+"""ADD: take what it needs from tabby-node's watched copies (guarded in the commit; else one
+etcd read), allocate the addresses (Tabby's IPAM commits the WorkloadEndpoint in the same etcd
 transaction; a delegated IPAM plugin's addresses get the endpoint written while the pod is
 plumbed), plumb the pod, answer the result; a failure after the allocation undoes what was done
 (see cni.handler).

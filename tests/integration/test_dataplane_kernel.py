@@ -28,6 +28,7 @@ from felix.dataplane import (
 from felix.dataplane.ipsets import IPSetError
 from felix.dataplane.runner import CommandError, Result
 from felix.model import Chain, Dataplane, Hook, IPSet, Rule, Table, rule_hashes
+from tests.netns_tools import TCP_CLIENT as CLIENT
 
 pytestmark = pytest.mark.netns
 
@@ -353,13 +354,6 @@ print("ready", flush=True)
 while True:
     for s in select.select(socks, [], [])[0]:
         s.accept()[0].close()
-"""
-CLIENT = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-except OSError:
-    sys.exit(1)
 """
 
 

@@ -30,6 +30,7 @@ import pytest
 
 from cni import handler, spec
 from cni.handler import Reply, Services
+from datastore.etcd import Conflict
 from datastore.store import ResourceStore
 from datastore.validation import validate
 from tests.conftest import require_binary, require_root
@@ -678,10 +679,21 @@ def test_remembered_reads_skip_the_read_and_follow_every_change(
         h.add(first, "web-0", "r0")  # reads, and starts the watches
         assert reads == [1]
 
-        async def listed() -> None:
-            while not all(remembered.watching().values()):
+        async def caught_up() -> None:
+            """Listed, and the first ADD's block claim (an affinity) seen by the watch."""
+            from datastore.reads import ReadBatch
+            from ipam.keys import host_prefix
+
+            while True:
+                got = remembered.answer(ReadBatch(lists=[host_prefix(NODE)]))
+                if all(remembered.watching().values()) and got is not None:
+                    try:
+                        await h.svc.ds.commit(got[1])  # guards only: they hold
+                        return
+                    except Conflict:
+                        pass
                 await asyncio.sleep(0.01)
-        h.run(asyncio.wait_for(listed(), 10))
+        h.run(asyncio.wait_for(caught_up(), 10))
         assert len(remembered.watching()) >= 5  # pods, namespaces, profiles, pools, host...
 
         addresses = set()
