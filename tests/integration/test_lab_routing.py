@@ -54,6 +54,11 @@ def bgp_status(cli: LabCli, node: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def learned_routes(cli: LabCli, node: str) -> set[str]:
+    """The other nodes' blocks as this node's kernel routes them (ours, with a next hop)."""
+    return {r for r in routes(cli, node, "proto", "81") if " via " in r}
+
+
 def all_peers_up(cli: LabCli, node: str, count: int) -> bool:
     peers = bgp_status(cli, node)["peers"]
     return len(peers) == count and all(p["state"] == "up" for p in peers)
@@ -250,6 +255,8 @@ def test_mesh_password_from_a_secret(mesh: LabCli) -> None:
     def exabgp_conf(node: str) -> str:
         return (Path(state["nodes"][node]["dir"]) / "run" / "exabgp" / "exabgp.conf").read_text()
 
+    before = {node: learned_routes(mesh, node) for node in ("node1", "node2", "node3")}
+
     try:
         for node in ("node1", "node2", "node3"):
             wait_for(f"{node}'s sessions up with the password", lambda n=node: (
@@ -260,12 +267,22 @@ def test_mesh_password_from_a_secret(mesh: LabCli) -> None:
     for node in ("node1", "node2", "node3"):
         wait_for(f"{node}'s sessions up without it", lambda n=node: (
             "md5-password" not in exabgp_conf(n) and all_peers_up(mesh, n, 2)))
+    # sessions that went down took their routes along; they come back with the new sessions
+    # (and the next test starts from the mesh as it was)
+    for node, learned in before.items():
+        wait_for(f"{node}'s learned routes back", lambda n=node, r=learned: (
+            learned_routes(mesh, n) >= r))
 
 
 def test_agent_restart_reconciles_its_routes_and_keeps_learned_ones(mesh: LabCli) -> None:
     ns = mesh.state()["nodes"]["node3"]["ns"]
-    learned = [r for r in routes(mesh, "node3", "proto", "81") if " via " in r]
-    assert learned
+    # the other nodes' pod blocks (test_cross_node_pod_traffic made a pod on each)
+    def next_hops(found: set[str]) -> set[str]:
+        return {r.split(" via ")[1].split()[0] for r in found}
+
+    learned = wait_for("node3 routing node1's and node2's blocks", lambda: (
+        found if next_hops(found := learned_routes(mesh, "node3")) == {
+            "198.18.0.11", "198.18.0.12"} else None))
     # a route of ours the store does not explain (left by a crashed run): it must go
     netns.ip(ns, "route", "add", "blackhole", "10.244.252.0/26", "proto", "81")
     old = bgp_status(mesh, "node3")["agent_pid"]
@@ -275,7 +292,7 @@ def test_agent_restart_reconciles_its_routes_and_keeps_learned_ones(mesh: LabCli
     wait_for("the stray blackhole removed", lambda: routes(mesh, "node3",
                                                             "10.244.252.0/26") == [])
     after = routes(mesh, "node3", "proto", "81")
-    assert set(learned) <= set(after)  # the other nodes' blocks never went away
+    assert learned <= set(after)  # the other nodes' blocks never went away
     assert len(after) == len(set(after))
 
 
