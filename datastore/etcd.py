@@ -406,13 +406,21 @@ def _txn_request(ops: Sequence[Op]) -> Any:
     guarded = list(dict.fromkeys(op.key for op in ops
                                  if not isinstance(op, Put | Purge | NothingNewer)))
     failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(k))) for k in guarded]
+    # per prefix guard, one key written since (if any), so the refusal can name it
+    failure += [rpc.RequestOp(request_range=rpc.RangeRequest(
+        key=start, range_end=end, min_mod_revision=op.revision + 1, limit=1, keys_only=True))
+        for op in ops if isinstance(op, NothingNewer)
+        for start, end in [_prefix_range(op.key)]]
     success = [_request(op) for op in ops if not isinstance(op, Unchanged | NothingNewer)]
     return rpc.TxnRequest(compare=compares, success=success, failure=failure)
 
 
 def _precondition_error(ops: Sequence[Op], response: Any) -> DatastoreError:
     """Name the first op whose guard failed, from the values read in the failure branch."""
-    current = {kv.key: kv for r in response.responses for kv in map(_kv, r.response_range.kvs)}
+    prefixes = [op for op in ops if isinstance(op, NothingNewer)]
+    reads = list(response.responses)
+    split = len(reads) - len(prefixes)  # the guarded keys' reads, then one per prefix guard
+    current = {kv.key: kv for r in reads[:split] for kv in map(_kv, r.response_range.kvs)}
     for op in ops:
         kv = current.get(op.key)
         if isinstance(op, Create) and kv is not None:
@@ -425,8 +433,9 @@ def _precondition_error(ops: Sequence[Op], response: Any) -> DatastoreError:
                 return NotFound(op.key)
             if expected is not None and kv.mod_revision != expected:
                 return Conflict(op.key, kv, expected)
-    if newer := next((op for op in ops if isinstance(op, NothingNewer)), None):
-        return Conflict(newer.key, None, newer.revision)  # a key under it was written since
+    for op, r in zip(prefixes, reads[split:], strict=True):
+        if r.response_range.kvs:  # a key under the prefix written since: say when
+            return Conflict(op.key, _kv(r.response_range.kvs[0]), op.revision)
     # unreachable while etcd is atomic; say what we know rather than guess
     first = next(op for op in ops if not isinstance(op, Put | Purge))
     return Conflict(first.key, current.get(first.key))

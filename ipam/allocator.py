@@ -142,6 +142,13 @@ class IPAM:
         self._clock = clock
         # (host, version) -> the affine block that last had room: only a read-order hint
         self._room: dict[tuple[str, int], str] = {}
+        # one assignment per host at a time: concurrent requests of one node all write its
+        # affine block, so letting them race only turns etcd's guards into retries (Calico's
+        # CNI serializes a node's IPAM with a host-wide lock file for the same reason)
+        self._assigning: dict[str, asyncio.Lock] = {}
+
+    def _host_lock(self, hostname: str) -> asyncio.Lock:
+        return self._assigning.setdefault(hostname, asyncio.Lock())
 
     # -- assignment --
 
@@ -189,12 +196,15 @@ class IPAM:
                    prefetched.inputs, dict(prefetched.affinities), known=dict(prefetched.blocks),
                    total=req.num_v4 + req.num_v6, with_last=req.with_last,
                    while_last_commits=req.while_last_commits, remembered=prefetched.remembered)
-        try:
-            v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools, req.intended_use)
-            v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools, req.intended_use)
-        except Exception:
-            await self._give_back(job)
-            raise
+        async with self._host_lock(req.hostname):
+            try:
+                v4 = await self._assign_family(job, 4, req.num_v4, req.ipv4_pools,
+                                               req.intended_use)
+                v6 = await self._assign_family(job, 6, req.num_v6, req.ipv6_pools,
+                                               req.intended_use)
+            except Exception:
+                await self._give_back(job)
+                raise
         return AssignResult([i for i in v4 if isinstance(i, ipaddress.IPv4Interface)],
                             [i for i in v6 if isinstance(i, ipaddress.IPv6Interface)],
                             job.with_last_committed)
@@ -223,12 +233,17 @@ class IPAM:
         cidr = str(pool.block_of(address))
         job = _Job(hostname, handle_id, dict(attrs or {}), handle,
                    Inputs(config, pools, Reservations()))
+        async with self._host_lock(hostname), self._store.block_lock(cidr):
+            return await self._assign_one(job, address, cidr, config.strict_affinity)
+
+    async def _assign_one(self, job: _Job, address: IP, cidr: str, strict: bool) -> Interface:
+        handle_id, hostname = job.handle_id, job.hostname
         for _ in self._store.attempts(f"assigning {address}"):
             got = await self._store.block(cidr) or await self._claim(job, cidr)
             if got is None:
                 continue  # another host created the block meanwhile: read it again
             block, revision = got
-            if config.strict_affinity and block.host != hostname:
+            if strict and block.host != hostname:
                 owner = f"affine to {block.host}" if block.host else "without affinity"
                 raise InvalidRequest(
                     f"{address} is in block {cidr}, {owner}; strict affinity is on, so node "
@@ -288,9 +303,10 @@ class IPAM:
         return job.taken[start:]
 
     async def _block(self, job: _Job, cidr: str) -> Versioned[Block] | None:
-        """The block as read with the inputs (once), else read now."""
+        """The block as read with the inputs (once), else read now. A request that waited
+        for the host's lock may hold an older copy than this allocator has since written."""
         if cidr in job.known:
-            return job.known.pop(cidr)
+            return self._store.newest(cidr, job.known.pop(cidr))
         return await self._store.block(cidr)
 
     async def _assign_affine(self, job: _Job, cidr: str, got: Versioned[Block] | None,
@@ -313,19 +329,21 @@ class IPAM:
                            *, own_only: bool) -> int:
         """Take up to `num` addresses from one block; returns how many were taken."""
         reserved = job.inputs.reservations.networks
-        for _ in self._store.attempts(f"assigning from block {cidr}"):
-            if got is None:
-                return 0
-            block, revision = got
-            if own_only and block.host != job.hostname:
-                return 0
-            addresses = block.assign(num, job.handle_id, job.attrs, reserved)
-            if not addresses:
-                return 0
-            if await self._write_assignment(job, cidr, block, revision, addresses):
-                return len(addresses)
-            got, job.handle = await asyncio.gather(self._store.block(cidr),
-                                                   self._store.handle(job.handle_id))
+        async with self._store.block_lock(cidr):
+            got = self._store.newest(cidr, got)  # a request before us may have written it
+            for _ in self._store.attempts(f"assigning from block {cidr}"):
+                if got is None:
+                    return 0
+                block, revision = got
+                if own_only and block.host != job.hostname:
+                    return 0
+                addresses = block.assign(num, job.handle_id, job.attrs, reserved)
+                if not addresses:
+                    return 0
+                if await self._write_assignment(job, cidr, block, revision, addresses):
+                    return len(addresses)
+                got, job.handle = await asyncio.gather(self._store.block(cidr),
+                                                       self._store.handle(job.handle_id))
         raise AssertionError("unreachable")
 
     async def _write_assignment(self, job: _Job, cidr: str, block: Block, revision: int,

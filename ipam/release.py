@@ -76,25 +76,26 @@ async def release_from_block(
 ) -> list[IP]:
     """Release the addresses `pick` chooses from the current block (asked again after every
     conflict, so a predicate sees the block as it is); returns those released."""
-    for _ in store.attempts(f"releasing addresses in block {cidr}"):
-        got = await store.block(cidr)
-        if got is None:
-            return []
-        block, revision = got
-        addresses = pick(block)
-        allocated = [a for a in addresses if block.is_allocated(a)]
-        counts = block.release(addresses, sequence_numbers)
-        if not allocated:
-            return []
-        handles = await asyncio.gather(*(store.handle(h) for h in counts))
-        ops: list[Op] = [_block_after_release(block, revision)]
-        for (handle_id, n), current in zip(counts.items(), handles, strict=True):
-            if current is not None:
-                op = write_handle(handle_id, current[0].adjusted(cidr, -n), current[1])
-                if op is not None:
-                    ops.append(op)
-        if isinstance(await store.commit(ops), int):
-            return allocated
+    async with store.block_lock(cidr):
+        for _ in store.attempts(f"releasing addresses in block {cidr}"):
+            got = await store.block(cidr)
+            if got is None:
+                return []
+            block, revision = got
+            addresses = pick(block)
+            allocated = [a for a in addresses if block.is_allocated(a)]
+            counts = block.release(addresses, sequence_numbers)
+            if not allocated:
+                return []
+            handles = await asyncio.gather(*(store.handle(h) for h in counts))
+            ops: list[Op] = [_block_after_release(block, revision)]
+            for (handle_id, n), current in zip(counts.items(), handles, strict=True):
+                if current is not None:
+                    op = write_handle(handle_id, current[0].adjusted(cidr, -n), current[1])
+                    if op is not None:
+                        ops.append(op)
+            if isinstance(await store.commit(ops), int):
+                return allocated
     raise AssertionError("unreachable")
 
 
@@ -116,16 +117,18 @@ async def release_by_handle(store: Store, handle_id: str) -> list[str]:
         if got is None:
             return released
         handle, handle_rev = got
+        freed: list[IP] = []
         if not handle.block:
-            ops: list[Op] = [Delete(keys.handle_key(handle_id), handle_rev)]
-            freed: list[IP] = []
+            done = await store.commit([Delete(keys.handle_key(handle_id), handle_rev)])
         else:
             cidr = min(handle.block)
-            ops, freed = await _handle_block_ops(store, handle_id, cidr)
-            op = write_handle(handle_id, handle.without(cidr), handle_rev)
-            if op is not None:
-                ops.append(op)
-        if isinstance(await store.commit(ops), int):
+            async with store.block_lock(cidr):  # from reading the block to committing it
+                ops, freed = await _handle_block_ops(store, handle_id, cidr)
+                op = write_handle(handle_id, handle.without(cidr), handle_rev)
+                if op is not None:
+                    ops.append(op)
+                done = await store.commit(ops)
+        if isinstance(done, int):
             released.extend(str(a) for a in freed)
         else:
             next(conflicts)

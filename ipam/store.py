@@ -7,6 +7,7 @@ caller re-reads and tries again, and `attempts` bounds how often.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -44,6 +45,19 @@ class Store:
         # blocks as this store last wrote them: a guess at their current value for a request
         # that skips reading (every write of one is guarded by its revision anyway)
         self.written_blocks: dict[str, KV] = {}
+        self._block_locks: dict[str, asyncio.Lock] = {}
+
+    def block_lock(self, cidr: str) -> asyncio.Lock:
+        """Held from reading a block to committing it: this process's requests on one block
+        wait for each other instead of failing each other's guards and reading again."""
+        return self._block_locks.setdefault(cidr, asyncio.Lock())
+
+    def newest(self, cidr: str, got: Versioned[Block] | None) -> Versioned[Block] | None:
+        """`got` (read or remembered earlier), or the block as this store wrote it since."""
+        written = self.written_blocks.get(keys.block_key(cidr))
+        if written is not None and (got is None or written.mod_revision > got[1]):
+            return block_from(written)
+        return got
 
     def attempts(self, what: str) -> Iterator[int]:
         """Loop counter for a read-modify-write: raises once `max_retries` rounds are used."""

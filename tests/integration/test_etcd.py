@@ -646,10 +646,15 @@ def test_guards_that_write_nothing(etcd_server: EtcdServer, prefix: str) -> None
             assert appeared.value.key == prefix + "absent"
             listed = await ds.revision()
             await ds.commit([NothingNewer(prefix + "list/", listed)])  # guards only: fine
-            await ds.create(prefix + "list/c", b"3")  # a new key under the prefix
+            await ds.create(prefix + "other/x", b"")
+            created = await ds.create(prefix + "list/c", b"3")  # a new key under the prefix
             with pytest.raises(Conflict) as newer:
-                await ds.commit([NothingNewer(prefix + "list/", listed), Put(prefix + "o2", b"")])
+                await ds.commit([NothingNewer(prefix + "other/", created),  # holds
+                                 NothingNewer(prefix + "list/", listed), Put(prefix + "o2", b"")])
+            # the refusal names the prefix that moved, and when
             assert newer.value.key == prefix + "list/"
+            assert str(newer.value).endswith(f"expected revision {listed}, it is now at "
+                                             f"revision {created}")
             assert await ds.get(prefix + "o2") is None  # nothing of a refused commit
     run(body())
 

@@ -472,6 +472,38 @@ def test_prefetched_block_that_changed_meanwhile_is_read_again(server: EtcdServe
     run(server, go)
 
 
+def test_one_allocator_queues_a_hosts_requests_instead_of_racing_them(
+        server: EtcdServer) -> None:
+    """tabby-node's case: many ADDs of one node at once through one allocator. Each waits for
+    the one before it on the node's block (assignments of a host, and every write of a block,
+    one at a time), so etcd refuses none of them and none reads again; the same for the DELs.
+    A block prefetched before the wait is taken as this allocator wrote it since."""
+    from datastore.reads import ReadBatch
+
+    async def go(ds: Datastore) -> None:
+        await add_pool(ds, "p", "10.244.0.0/24", 26)
+        ipam = IPAM(ds)
+        await ipam.auto_assign(req("first"))  # the block exists and is the read hint
+        batch = ReadBatch()
+        ipam.queue_assign_reads(batch, "node-a", "late")
+        prefetched = ipam.assign_reads(await batch.run(ds), "node-a", "late")
+        handles = [f"h{i}" for i in range(70)]  # more than one /26: a second block is claimed
+        got = await asyncio.gather(*(ipam.auto_assign(req(h)) for h in handles),
+                                   ipam.auto_assign(req("late"), prefetched=prefetched))
+        addresses = [g.ipv4[0].ip for g in got]
+        assert len(set(addresses)) == len(addresses) == 71
+        assert len({a.network for g in got for a in g.ipv4}) == 2
+        assert ipam.stats["cas_conflicts"] == 0
+        released = await asyncio.gather(*(ipam.release_by_handle(h) for h in handles))
+        assert sorted(ip for r in released for ip in r) == sorted(
+            str(a) for a in addresses[:-1])
+        assert ipam.stats["cas_conflicts"] == 0
+        state = await read_state(ds)
+        check_consistent(state)
+        assert set(state.handles) == {"first", "late"}
+    run(server, go)
+
+
 def test_while_last_commits_sees_the_addresses_in_flight_and_again_after_a_refusal(
         server: EtcdServer) -> None:
     """The CNI plumbs the pod while etcd commits: the hook runs once the last transaction is
