@@ -256,10 +256,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         round_ratios = []
         for _ in range(args.rounds):  # this VM's speed drifts: several rounds, all pooled
             start = {plugin.label: len(plugin.add) for plugin in (tabby, anchor)}
-            for i in range(args.pods):  # alternate so drift hits both
-                for plugin in (tabby, anchor):
+            for i in range(args.pods):  # alternate so drift hits both, and who goes first
+                pair = (tabby, anchor) if i % 2 == 0 else (anchor, tabby)
+                for plugin in pair:
                     plugin.pod_cycle(ns, i)
-                for plugin in (tabby, anchor):
+                for plugin in pair:
                     plugin.finish(ns)
             medians = [statistics.median(plugin.add[start[plugin.label]:])
                        for plugin in (tabby, anchor)]
@@ -322,9 +323,9 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, bytecode cache on), inside a private host "
         f"namespace; {args.rounds} rounds of {args.pods} pods, alternating Tabby and the anchor "
-        "pod by pod, medians and p90 over all rounds. Tabby: the "
-        "installed `tabby` shim forwarding to a running `tabby-node` (Tabby IPAM in a local "
-        "etcd, WorkloadEndpoint written in the same transaction as the address; tabby-node "
+        "pod by pod (each going first every other pod), medians and p90 over all rounds. "
+        "Tabby: the installed `tabby` shim forwarding to a running `tabby-node` (Tabby IPAM in "
+        "a local etcd, WorkloadEndpoint written in the same transaction as the address; tabby-node "
         "without felix and the routing agent, whose reactions to Tabby's pods would slow the "
         "anchor's execs too and flatter the ratio). Anchor: Debian's Go "
         "`ptp` + `host-local` (local files, no datastore). Reproduce: "
