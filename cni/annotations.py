@@ -17,6 +17,8 @@ from cni.spec import INVALID_CONFIG, CNIError
 IPV4_POOLS = "cni.projectcalico.org/ipv4pools"
 IPV6_POOLS = "cni.projectcalico.org/ipv6pools"
 IP_ADDRS = "cni.projectcalico.org/ipAddrs"
+IP_ADDRS_NO_IPAM = "cni.projectcalico.org/ipAddrsNoIpam"
+FLOATING_IPS = "cni.projectcalico.org/floatingIPs"
 
 
 def annotations_of(obj: Mapping[str, Any] | None) -> dict[str, str]:
@@ -59,15 +61,33 @@ def requested_addresses(pod: Mapping[str, str], pod_name: str
     if IPV4_POOLS in pod or IPV6_POOLS in pod:
         raise CNIError(INVALID_CONFIG, f"pod {pod_name} has both {IP_ADDRS} and a pools "
                        "annotation", "keep one of them")
+    return _one_per_family(value, IP_ADDRS, pod_name)
+
+
+def addresses_without_ipam(pod: Mapping[str, str], pod_name: str
+                           ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """`cni.projectcalico.org/ipAddrsNoIpam`: addresses the pod gets as they are, at most one
+    per family, with no IPAM record (routing and conflicts are the user's, as in Calico)."""
+    value = _json_list(pod, IP_ADDRS_NO_IPAM, f"pod {pod_name}")
+    if not value:
+        return ()
+    if pod.get(IP_ADDRS):
+        raise CNIError(INVALID_CONFIG, f"pod {pod_name} has both {IP_ADDRS} and "
+                       f"{IP_ADDRS_NO_IPAM}", "keep one of them")
+    return _one_per_family(value, IP_ADDRS_NO_IPAM, pod_name)
+
+
+def _one_per_family(value: list[str], key: str, pod_name: str
+                    ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     out: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
     for text in value:
         try:
             ip = ipaddress.ip_address(text)
         except ValueError:
-            raise CNIError(INVALID_CONFIG, f"annotation {IP_ADDRS} on pod {pod_name}: "
+            raise CNIError(INVALID_CONFIG, f"annotation {key} on pod {pod_name}: "
                            f"{text!r} is not an IP address") from None
         if ip.version in out:
-            raise CNIError(INVALID_CONFIG, f"annotation {IP_ADDRS} on pod {pod_name} asks for "
+            raise CNIError(INVALID_CONFIG, f"annotation {key} on pod {pod_name} asks for "
                            f"two IPv{ip.version} addresses", "give at most one per family")
         out[ip.version] = ip
     return tuple(out[v] for v in sorted(out))

@@ -187,6 +187,13 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth,
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
     mac = veth.mac = _requested_mac(req, pod) or mac
+    given = _addresses_without_ipam(ctx, pod)
+    if given:
+        if guards:  # its endpoint is written alone, so it cannot carry them
+            raise InputsChanged("addresses given without IPAM are used with inputs read now")
+        ctx.log.info("using %s as given by the Pod (no IPAM)", ", ".join(map(str, given)))
+        allocation = _allocation({"ips": [{"address": str(a)} for a in given]}, new=False)
+        return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
 
     def endpoint_ops(addresses: list[Any]) -> list[Any]:
         """The WorkloadEndpoint, committed in the allocation's own transaction."""
@@ -198,6 +205,26 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth,
     if allocation.endpoint_written:
         return allocation, mac, None
     return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
+
+
+def _addresses_without_ipam(ctx: Ctx, pod: dict[str, Any] | None) -> list[Any]:
+    """The Pod's `ipAddrsNoIpam` addresses (/32, /128), if the netconf allows them; Calico's
+    `floatingIPs` is refused rather than silently not done."""
+    w = ctx.workload
+    pod_name = f"{w.namespace}/{w.pod}"
+    found = calico_annotations.annotations_of(pod)
+    if found.get(calico_annotations.FLOATING_IPS):
+        raise CNIError(spec.INVALID_CONFIG, f"pod {pod_name} asks for floating IPs "
+                       f"({calico_annotations.FLOATING_IPS}); Tabby has no floating IPs",
+                       "remove the annotation, or expose the pod through a Service")
+    given = calico_annotations.addresses_without_ipam(found, pod_name)
+    if given and not ctx.conf.ip_addrs_no_ipam:
+        raise CNIError(spec.INVALID_CONFIG, f"pod {pod_name} has "
+                       f"{calico_annotations.IP_ADDRS_NO_IPAM}, which this network does not "
+                       "allow", 'set "feature_control": {"ip_addrs_no_ipam": true} in the '
+                       "netconf (any pod may then claim any address), or use "
+                       f"{calico_annotations.IP_ADDRS}")
+    return [ipaddress.ip_interface((a, a.max_prefixlen)) for a in given]
 
 
 def _add_reads(ctx: Ctx) -> ReadBatch:

@@ -9,6 +9,7 @@ import ipaddress
 import os
 from typing import Any
 
+from cni import annotations as calico_annotations
 from cni import delegate, plumbing, spec, wep
 from cni.cmd_add import _Allocation, _allocation, _mtu
 from cni.context import ENDPOINT_MISSING, PLUMBING_FAILED, Ctx
@@ -57,7 +58,7 @@ async def _check_ipam(ctx: Ctx, allocation: _Allocation) -> CNIError | None:
         except CNIError as e:
             return e
         return None
-    want = {a.ip for a in allocation.addresses}
+    want = {a.ip for a in allocation.addresses} - await _given_without_ipam(ctx)
     held = {ipaddress.ip_interface(ip).ip for ip in await ctx.svc.ipam.ips_by_handle(ctx.handle)}
     missing = sorted(map(str, want - held))
     if missing:
@@ -66,6 +67,20 @@ async def _check_ipam(ctx: Ctx, allocation: _Allocation) -> CNIError | None:
                         "the allocation was released (by tabbyctl ipam release or gc?); "
                         "recreate the pod to get a new address")
     return None
+
+
+async def _given_without_ipam(ctx: Ctx) -> set[Any]:
+    """The Pod's `ipAddrsNoIpam` addresses, which no IPAM handle holds (when allowed)."""
+    key = wep.pod_key(ctx.workload)
+    if key is None or not ctx.conf.ip_addrs_no_ipam:
+        return set()
+    w = ctx.workload
+    found = calico_annotations.annotations_of(wep.resource(await ctx.svc.ds.get(key)))
+    try:
+        given = calico_annotations.addresses_without_ipam(found, f"{w.namespace}/{w.pod}")
+    except CNIError:  # ADD refused such a pod: nothing of it is exempt
+        return set()
+    return set(given)
 
 
 # -- GC and STATUS ------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ Fields read (Calico's names, `cni-plugin/pkg/types/types.go`):
   plugin exec'd from CNI_PATH with this same netconf (e.g. Debian's `host-local`);
 - `log_level`, `log_file_path`;
 - `container_settings.allow_ip_forwarding`: the pod's `net.ipv4.ip_forward`;
+- `feature_control.ip_addrs_no_ipam`: allow the Pod annotation
+  `cni.projectcalico.org/ipAddrsNoIpam` (addresses given without IPAM; off by default, as in
+  Calico, since it lets a pod claim any address); `feature_control.floating_ips` is accepted
+  but Tabby has no floating IPs (an ADD asking for them is refused);
 - `policy.type` (kept for reference: Tabby always reads Pods from its store).
 
 Not a netconf field but part of it as Calico has it: the host veth prefix, the first entry of
@@ -65,6 +69,7 @@ class NetConf:
     mtu_file: str = DEFAULT_MTU_FILE
     require_mtu_file: bool = False
     allow_ip_forwarding: bool = False
+    ip_addrs_no_ipam: bool = False  # feature_control: the ipAddrsNoIpam annotation is allowed
     interface_prefix: str = DEFAULT_PREFIX
     policy_type: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -108,6 +113,11 @@ def parse_netconf(config: Mapping[str, Any], environ: Mapping[str, str] | None =
     if not isinstance(settings, dict):
         raise _bad("container_settings", "must be an object",
                    '{"allow_ip_forwarding": true}')
+    features = config.get("feature_control")
+    features = {} if features is None else features
+    if not isinstance(features, dict):
+        raise _bad("feature_control", "must be an object", '{"ip_addrs_no_ipam": true}')
+    _flag(features, "floating_ips", "feature_control.")  # well-formed, though not supported
     policy = config.get("policy")
     policy = {} if policy is None else policy
     if not isinstance(policy, dict):
@@ -126,6 +136,7 @@ def parse_netconf(config: Mapping[str, Any], environ: Mapping[str, str] | None =
         mtu_file=_text(config, "mtu_file") or DEFAULT_MTU_FILE,
         require_mtu_file=_flag(config, "require_mtu_file"),
         allow_ip_forwarding=_flag(settings, "allow_ip_forwarding", "container_settings."),
+        ip_addrs_no_ipam=_flag(features, "ip_addrs_no_ipam", "feature_control."),
         interface_prefix=interface_prefix(environ or {}),
         policy_type=_text(policy, "type", "policy."),
         raw=config,

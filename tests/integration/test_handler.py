@@ -343,6 +343,51 @@ def test_pod_annotations_read_while_the_veth_is_made(lab: Harness) -> None:
     assert link_names(other) == {"lo"}
 
 
+def test_addresses_given_without_ipam(lab: Harness) -> None:
+    """Calico's `ipAddrsNoIpam`, only where the netconf's feature_control allows it: the pod
+    gets the addresses as given (here outside every pool), IPAM records nothing, CHECK passes
+    without an IPAM record, DEL leaves nothing. Refused (code 7, nothing left) when the netconf
+    does not allow it, together with `ipAddrs`, and for `floatingIPs` (Tabby has none)."""
+    no_ipam = "cni.projectcalico.org/ipAddrsNoIpam"
+
+    def pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "prod", "annotations": annotations},
+                "spec": {"containers": [{"name": "c"}]}}
+
+    lab.apply(pod("given", {no_ipam: '["10.99.0.7", "fd00:99::7"]'}),
+              pod("both", {no_ipam: '["10.99.0.8"]',
+                           "cni.projectcalico.org/ipAddrs": '["10.250.0.9"]'}),
+              pod("floating", {"cni.projectcalico.org/floatingIPs": '["192.0.2.1"]'}))
+    allowed = lab.conf(feature_control={"ip_addrs_no_ipam": True})
+    ns = lab.pod()
+    args = pod_args("given", cid="cgiven1")
+    result = ok(lab.call("ADD", allowed, "cgiven1", ns, args))
+    assert [ip["address"] for ip in result["ips"]] == ["10.99.0.7/32", "fd00:99::7/128"]
+    [eth0] = ip_json(ns, "addr", "show", "eth0")
+    assert {("10.99.0.7", 32), ("fd00:99::7", 128)} <= {
+        (a["local"], a["prefixlen"]) for a in eth0["addr_info"]}
+    [endpoint] = etcd_values(lab.server, WEP_PREFIX).values()
+    assert endpoint["spec"]["ipNetworks"] == ["10.99.0.7/32", "fd00:99::7/128"]
+    assert etcd_keys(lab.server, HANDLE_PREFIX) == [] and allocated(lab.server) == []
+    assert ok(lab.call("CHECK", allowed, "cgiven1", ns, args, prev=result)) is None
+    ok(lab.call("DEL", allowed, "cgiven1", ns, args))
+    assert_clean(lab)
+    for name, conf, words in (("given", lab.conf(), '"feature_control"'),
+                              ("both", allowed, "has both"),
+                              ("floating", allowed, "floating IPs")):
+        other = lab.pod()
+        out = failed(lab.call("ADD", conf, f"c{name}2", other, pod_args(name, cid=f"c{name}2")),
+                     spec.INVALID_CONFIG)
+        assert words in f"{out['msg']} {out.get('details', '')}", out
+        assert_clean(lab)
+        assert link_names(other) == {"lo"}
+    bad = lab.conf(feature_control={"ip_addrs_no_ipam": "yes"})
+    out = failed(lab.call("ADD", bad, "cbad1", lab.pod(), pod_args("given")), spec.INVALID_CONFIG)
+    assert "feature_control.ip_addrs_no_ipam" in out["msg"]
+    assert_clean(lab)
+
+
 def test_non_k8s_workload_and_requested_ip_and_mac(lab: Harness) -> None:
     """podman's CNI_ARGS: only K8S_POD_NAME, plus IP= and MAC= for --ip and --mac-address."""
     pod = lab.pod()

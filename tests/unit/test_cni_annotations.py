@@ -34,3 +34,23 @@ def test_bad_annotations_are_config_errors(annotations: dict[str, str], needle: 
     with pytest.raises(CNIError) as e:
         ann.requested_addresses(annotations, "prod/web")
     assert e.value.code == INVALID_CONFIG and needle in e.value.msg and "prod/web" in e.value.msg
+
+
+def test_addresses_without_ipam() -> None:
+    """ipAddrsNoIpam parses as ipAddrs does; pools annotations beside it are fine (it wins, as
+    in Calico), ipAddrs beside it is not."""
+    got = ann.addresses_without_ipam({ann.IP_ADDRS_NO_IPAM: '["fd00::7", "10.9.0.7"]',
+                                      ann.IPV4_POOLS: '["p"]'}, "p/w")
+    assert got == (ipaddress.ip_address("10.9.0.7"), ipaddress.ip_address("fd00::7"))
+    assert ann.addresses_without_ipam({ann.IP_ADDRS: '["10.0.0.5"]'}, "p/w") == ()
+
+
+@pytest.mark.parametrize(("annotations", "needle"), [
+    ({ann.IP_ADDRS_NO_IPAM: '["10.0.0.5"]', ann.IP_ADDRS: '["10.0.0.6"]'}, "has both"),
+    ({ann.IP_ADDRS_NO_IPAM: '["fd00::1", "fd00::2"]'}, "two IPv6 addresses"),
+    ({ann.IP_ADDRS_NO_IPAM: '"10.0.0.5"'}, "must be a JSON list"),
+])
+def test_bad_no_ipam_annotations(annotations: dict[str, str], needle: str) -> None:
+    with pytest.raises(CNIError) as e:
+        ann.addresses_without_ipam(annotations, "prod/web")
+    assert e.value.code == INVALID_CONFIG and needle in e.value.msg and "prod/web" in e.value.msg

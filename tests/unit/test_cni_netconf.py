@@ -86,6 +86,9 @@ def test_kubernetes_datastore_is_refused_clearly() -> None:
     ({"ipam": {"type": "tabby-ipam", "assign_ipv4": "maybe"}}, "assign_ipv4"),
     ({"container_settings": {"allow_ip_forwarding": "yes"}}, "allow_ip_forwarding"),
     ({"container_settings": []}, "container_settings"),
+    ({"feature_control": {"ip_addrs_no_ipam": "on"}}, "feature_control.ip_addrs_no_ipam"),
+    ({"feature_control": {"floating_ips": 1}}, "feature_control.floating_ips"),
+    ({"feature_control": "all"}, "feature_control"),
     ({"nodename": 5}, "nodename"),
     ({"log_file_path": ["x"]}, "log_file_path"),
 ])
@@ -133,6 +136,8 @@ def test_unknown_fields_are_ignored() -> None:
     c = conf(num_queues=2, feature_control={"floating_ips": True}, capabilities={"ips": True},
              runtimeConfig={"portMappings": []}, prevResult={"cniVersion": "1.0.0"})
     assert c.name == "k8s-pod-network"
+    assert not c.ip_addrs_no_ipam  # off unless the netconf says so, as in Calico
+    assert conf(feature_control={"ip_addrs_no_ipam": True}).ip_addrs_no_ipam
 
 
 # -- WorkloadEndpoint identity and object (cni.wep, pure) ----------------------------------------
