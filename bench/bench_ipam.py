@@ -129,6 +129,8 @@ def main() -> None:
             env = production_env({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
             tabby_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tabby-ipam",
                           "etcd_endpoints": server.endpoint, "nodename": "node-exec",
+                          # its own lock file: the default is the host's /var/run/calico
+                          "ipam_lock_file": f"{tmp}/ipam.lock",
                           "ipam": {"type": "tabby-ipam"}}
             tabby_ms = exec_rate(TABBY_IPAM, tabby_conf, args.execs, env)
             host_local_conf = {"cniVersion": "1.0.0", "name": "bench", "type": "host-local",
