@@ -13,7 +13,9 @@ The run, in order (everything inside the lab's namespaces):
    service account (the store relabels the CNI-written WorkloadEndpoint). The underlay gets a /32
    route per pod (lab/underlay.py); externals become namespaces on the underlay.
    Each pod and external runs a responder (`python -m lab.probe serve`) on every TCP and UDP port
-   any step probes, plus the pod's own ports.
+   any step probes, plus the pod's own ports. Then the run waits (at most ROUTE_WAIT s) until
+   every node can forward to every pod address: a node blackholes its own blocks until it has
+   learned, over BGP, the /32 of an address another node borrowed from one of them.
 4. Per step: the difference from the previous step is written through the store (deleted
    manifests, applied manifests, relabelled Namespaces, ServiceAccounts and Pods); then the step
    is probed. Convergence rule: read etcd's revision after the writes and poll every node's felix
@@ -58,6 +60,7 @@ AGENT_SETTLE = 0.05  # the same once every node's felix agent reported the step'
 AGENT_WAIT = 10.0  # at most this long for the agents to report it
 AGENT_METRICS_PORT = 9091  # felix.metrics.DEFAULT_PORT, on 127.0.0.1 in each node namespace
 MAX_ROUNDS = 6
+ROUTE_WAIT = 30.0  # at most this long for every node to route every pod (before step 1)
 WORKERS = 128
 NEW_NODES = 3  # nodes of a lab the run brings up itself
 POOL_PREFIXES = {4: (16, 20, 24, 26), 6: (64, 96, 112, 122)}
@@ -337,6 +340,22 @@ def wait_for_agents(state: State, revision: int, timeout: float = AGENT_WAIT) ->
         time.sleep(0.02)
 
 
+def unrouted(state: State, ips: list[str]) -> list[str]:
+    """`node -> ip` for each pod address a node cannot forward to yet: a node's own block is
+    blackholed until the routing agent has learned a /32 borrowed from it by another node."""
+    return [f"{name} -> {ip}" for name, node in state["nodes"].items() for ip in ips
+            if netns.ip(node["ns"], "-o", "route", "get", ip, check=False).returncode != 0]
+
+
+def wait_for_routes(state: State, ips: list[str], timeout: float = ROUTE_WAIT) -> list[str]:
+    """Wait until every node forwards to every pod address (BGP sessions of a lab just brought
+    up take a few seconds); returns what is still unrouted when the wait ends."""
+    deadline = time.monotonic() + timeout
+    while (missing := unrouted(state, ips)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return missing
+
+
 # ---- reporting -------------------------------------------------------------------------------
 
 @dataclass
@@ -526,6 +545,11 @@ class Run:
         ips = {k: p.ip for k, p in initial.pods.items()} | dict(initial.externals)
         self.say(f"{len(initial.pods)} pod(s) on {len(state['nodes'])} node(s), "
                  f"{len(initial.externals)} external(s); responders on TCP {tcp} UDP {udp}")
+        started = time.monotonic()
+        missing = wait_for_routes(self.state, [p.ip for p in initial.pods.values()])
+        self.say(f"every node routes every pod after {time.monotonic() - started:.2f} s"
+                 if not missing else f"not every node routes every pod after {ROUTE_WAIT:.0f} s"
+                 f" (probing anyway): {', '.join(missing)}")
         return Where(ns, node_ns, ips), placement
 
     def _remember(self, namespaces: list[dict[str, Any]], accounts: list[dict[str, Any]],

@@ -229,6 +229,9 @@ steps:
         done = cli.run("run", str(path), "--check")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "bringing it up with 3 nodes" in done.stderr
+        # x/b borrows from the block x/a's node claimed: that node blackholes the block until
+        # BGP brings it x/b's /32, and the run waits for it before probing
+        assert "every node routes every pod after" in done.stderr
         assert done.stdout.splitlines()[-1] == "2 passed, 0 failed"
         assert cli.lab.load() is None
         assert netns.names_with_prefix(cli.lab.prefix) == []
