@@ -196,9 +196,16 @@ class EtcdServer:
         self.start()
 
     def pause(self) -> None:
-        """SIGSTOP: connections stay open but nothing answers (a hung etcd)."""
+        """SIGSTOP: connections stay open but nothing answers (a hung etcd). Returns once
+        every thread of etcd is stopped: the signal is only queued when kill() returns."""
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        deadline = time.monotonic() + 10
+        while not all(_stopped(t) for t in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"etcd (pid {self._proc.pid}) did not stop on SIGSTOP")
+            time.sleep(0.002)
 
     def resume(self) -> None:
         assert self._proc is not None
@@ -278,3 +285,12 @@ class EtcdServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _stopped(task: Path) -> bool:
+    """A thread in state T (stopped); a thread that has exited meanwhile counts as stopped."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "T"
