@@ -111,7 +111,9 @@ def test_cross_node_pod_traffic(mesh: LabCli) -> None:
     block2 = wait_for("node1 to route node2's block", lambda: [
         r for r in routes(mesh, "node1", "proto", "81") if "via 198.18.0.12" in r])
     assert block2[0].startswith("10.244.") and "dev eth0" in block2[0]
-    assert routes(mesh, "node2", "proto", "81", "type", "blackhole")  # its own block
+    # its own block (the agent may announce it before its kernel pass has run)
+    wait_for("node2's blackhole for its block", lambda: routes(
+        mesh, "node2", "proto", "81", "type", "blackhole"))
     for src, dst, dst_ip, src_ip in (("web/p1", "web/p2", p2, p1), ("web/p3", "web/p1", p1, p3)):
         server = listen(mesh.exec(dst), 8080)
         # the source address survives: routed, not NATed
@@ -125,7 +127,8 @@ def test_new_block_is_routed_and_withdrawn_everywhere(mesh: LabCli) -> None:
     for node in ("node2", "node3"):
         wait_for(f"{cidr} on {node}", lambda n=node: routes(mesh, n, cidr) == [
             f"{cidr} via 198.18.0.11 dev eth0 proto 81"])
-    assert routes(mesh, "node1", cidr) == [f"blackhole {cidr} proto 81"]
+    wait_for(f"{cidr} blackholed on node1", lambda: routes(mesh, "node1", cidr) == [
+        f"blackhole {cidr} proto 81"])
     block_op(mesh, "release_block", "node1", cidr)
     for node in ("node1", "node2", "node3"):
         wait_for(f"{cidr} gone from {node}", lambda n=node: routes(mesh, n, cidr) == [])
