@@ -182,7 +182,6 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth,
                   if conf.in_process_ipam else None)
     if prefetched is not None and guards:
         prefetched = replace(prefetched, remembered=True)
-    held = await _held(ctx, prefetched)
     if pod and (pod.get("spec") or {}).get("hostNetwork"):
         raise CNIError(spec.INVALID_CONFIG, f"pod {w.namespace}/{w.pod} uses the host network",
                        "host-network pods get no CNI attachment")
@@ -194,6 +193,7 @@ async def _allocate_for(ctx: Ctx, reads: ReadResult, mac: str, veth: _Veth,
         ctx.log.info("using %s as given by the Pod (no IPAM)", ", ".join(map(str, given)))
         allocation = _allocation({"ips": [{"address": str(a)} for a in given]}, new=False)
         return allocation, mac, wep.build(w, pod, [str(a) for a in allocation.addresses], mac)
+    held = await _held(ctx, prefetched)
 
     def endpoint_ops(addresses: list[Any]) -> list[Any]:
         """The WorkloadEndpoint, committed in the allocation's own transaction."""
@@ -374,8 +374,8 @@ async def _assign(ctx: Ctx, pod: dict[str, Any] | None, ns_obj: dict[str, Any] |
                   endpoint_ops: Callable[[list[Any]], list[Any]] | None = None,
                   while_committing: Callable[[list[Any]], None] | None = None
                   ) -> tuple[list[str], bool]:
-    """tabby-ipam's ADD without its host lock (the daemon serves many requests in parallel;
-    every write is a compare-and-swap anyway). The addresses, and whether `endpoint_ops` went
+    """tabby-ipam's ADD without its host lock file (the allocator queues one node's requests
+    in memory instead). The addresses, and whether `endpoint_ops` went
     into the same transaction (auto-assignment only; a requested address is written alone)."""
     req, conf, w = ctx.req, ctx.conf.ipam_conf, ctx.workload
     pod_ann = calico_annotations.annotations_of(pod)
